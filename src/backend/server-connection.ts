@@ -1,0 +1,319 @@
+// One connection to an upstream PostgreSQL server, where the proxy is the client. After
+// the handshake it frames the server's messages, keeps the queue of replies still owed
+// (each forwarded to the leasing client or swallowed), and tracks the transaction status
+// and the parameters the server reports.
+import net from 'node:net';
+
+import { serialize } from 'pg-protocol';
+import { Parser } from 'pg-protocol/dist/parser.js';
+import type { BackendMessage } from 'pg-protocol/dist/messages.js';
+
+import type { UpstreamServerConfig } from '../config/schema.ts';
+import type { Logger } from '../observability/logger.ts';
+import { Backend, TransactionStatus } from '../protocol/codes.ts';
+import { readErrorFields } from '../protocol/backend-messages.ts';
+import { type FrameHandler, MessageFramer } from '../protocol/framing.ts';
+import { continueScram, finishScram, md5Password, startScram, type ScramSession } from './server-auth.ts';
+
+/** What the connection does with the replies up to one ReadyForQuery. */
+export interface OwedReply {
+  /** True: relay to the leasing client. False: the proxy's own request; swallow. */
+  forward: boolean;
+  /** Called at its ReadyForQuery with the first ErrorResponse's fields, if any. */
+  done?: (error: Map<string, string> | null) => void;
+  error?: Map<string, string> | null;
+}
+
+/** The client side of a lease: where the server's forwarded replies go. */
+export interface ServerReplySink {
+  /** A complete message for the client, as a view into the received bytes. */
+  relay(frame: Buffer): void;
+  /** Part of a message too large to buffer. */
+  relayPiece(piece: Buffer): void;
+  /** The received chunk has been handled: flush what was relayed. */
+  relayFlush(): void;
+  /** A ReadyForQuery was received (relayed or swallowed); the owed queue has been updated. */
+  readyForQuery(connection: ServerConnection): void;
+  /** The connection failed or the server closed it. */
+  connectionLost(connection: ServerConnection, reason: string): void;
+}
+
+/** ParameterStatus values as the connection has them now; UNKNOWN where a client may have changed one unseen. */
+export const UNKNOWN = Symbol('unknown');
+export type ParameterValue = string | typeof UNKNOWN;
+
+/** Types of server messages that may stream through instead of being buffered whole. */
+const STREAMABLE = new Set<number>([Backend.DataRow, Backend.CopyData]);
+
+let nextConnectionId = 1;
+
+export class ServerConnection implements FrameHandler {
+  readonly id = nextConnectionId++;
+  processId = 0;
+  secretKey = 0;
+  /** Status byte of the last ReadyForQuery. */
+  transactionStatus: number = TransactionStatus.Idle;
+  /** Parameters as the server reported them right after startup. */
+  readonly startupParameters = new Map<string, string>();
+  /** Parameters as they are now, as far as the proxy knows. */
+  readonly parameters = new Map<string, ParameterValue>();
+  readonly owed: OwedReply[] = [];
+  /** Client messages since the last Sync: the server holds an unfinished extended-protocol batch. */
+  unsynced = false;
+  /** The server is in COPY FROM STDIN and ignores Sync until CopyDone or CopyFail. */
+  copyIn = false;
+  /** Names of the proxy's own prepared statements that exist on this connection. */
+  readonly preparedStatements = new Set<string>();
+  /** The client session whose identity the connection holds, and whether it may have been changed since. */
+  identityOwner: object | null = null;
+  identityIntact = false;
+  /** A client ran SET or RESET during its lease: session state must be reset before reuse. */
+  sessionStateDirty = false;
+  /** Cancel requests sent for this connection whose socket the server has not closed yet. */
+  cancelsInFlight = 0;
+  /** Called when the last cancel in flight has settled. */
+  afterCancels: (() => void) | null = null;
+  lastUsedAt = Date.now();
+  closed = false;
+
+  sink: ServerReplySink | null = null;
+  private streamingForward = false;
+  private readonly framer: MessageFramer;
+  readonly log: Logger;
+
+  private constructor(
+    readonly socket: net.Socket,
+    readonly target: UpstreamServerConfig,
+    parentLog: Logger,
+  ) {
+    this.log = parentLog.child({ side: 'server', serverConnId: this.id });
+    this.framer = new MessageFramer(this, 1024 * 1024 * 1024, STREAMABLE);
+  }
+
+  /** Opens, authenticates and waits for the first ReadyForQuery. */
+  static connect(target: UpstreamServerConfig, parentLog: Logger): Promise<ServerConnection> {
+    return new Promise((resolve, reject) => {
+      const socket = net.connect({ host: target.host, port: target.port });
+      socket.setNoDelay(true);
+      socket.setKeepAlive(true, 60_000);
+      const connection = new ServerConnection(socket, target, parentLog);
+      const fail = (error: Error) => {
+        clearTimeout(timer);
+        socket.destroy();
+        reject(error);
+      };
+      const timer = setTimeout(
+        () => fail(new Error(`connecting to ${target.host}:${target.port} timed out after ${target.connect_timeout} ms`)),
+        target.connect_timeout,
+      );
+      socket.once('error', (error) => fail(new Error(`connecting to ${target.host}:${target.port} failed: ${error.message}`)));
+      socket.once('close', () => fail(new Error(`server ${target.host}:${target.port} closed the connection during startup`)));
+      socket.once('connect', () => {
+        connection.handshake().then(
+          () => {
+            clearTimeout(timer);
+            socket.removeAllListeners('error');
+            socket.removeAllListeners('close');
+            connection.attach();
+            resolve(connection);
+          },
+          (error: Error) => fail(error),
+        );
+      });
+    });
+  }
+
+  /** Runs startup and authentication with pg-protocol's parser, until ReadyForQuery. */
+  private handshake(): Promise<void> {
+    const { socket, target } = this;
+    const parser = new Parser();
+    let scram: ScramSession | null = null;
+
+    return new Promise<void>((resolve, reject) => {
+      const password = () => {
+        if (target.password === undefined) throw new Error(`server requested a password for user "${target.user}" but upstream password is not configured`);
+        return target.password;
+      };
+      const onMessage = async (message: BackendMessage) => {
+        const fields = message as unknown as Record<string, unknown>;
+        switch (message.name) {
+          case 'authenticationCleartextPassword':
+            socket.write(serialize.password(password()));
+            break;
+          case 'authenticationMD5Password':
+            socket.write(serialize.password(await md5Password(target.user, password(), fields.salt as Buffer)));
+            break;
+          case 'authenticationSASL':
+            scram = startScram(fields.mechanisms as string[]);
+            socket.write(serialize.sendSASLInitialResponseMessage(scram.mechanism, scram.response));
+            break;
+          case 'authenticationSASLContinue':
+            await continueScram(scram!, password(), fields.data as string);
+            socket.write(serialize.sendSCRAMClientFinalMessage(scram!.response));
+            break;
+          case 'authenticationSASLFinal':
+            finishScram(scram!, fields.data as string);
+            break;
+          case 'authenticationOk':
+          case 'notice':
+            break;
+          case 'parameterStatus':
+            this.startupParameters.set(fields.parameterName as string, fields.parameterValue as string);
+            this.parameters.set(fields.parameterName as string, fields.parameterValue as string);
+            break;
+          case 'backendKeyData':
+            this.processId = fields.processID as number;
+            this.secretKey = fields.secretKey as number;
+            break;
+          case 'readyForQuery':
+            socket.removeListener('data', onData);
+            resolve();
+            break;
+          case 'error':
+            throw new Error(`server rejected the connection: ${(message as unknown as Error).message}`);
+          default:
+            throw new Error(`unexpected message "${message.name}" during startup`);
+        }
+      };
+      // Authentication steps are asynchronous (SCRAM key derivation), so messages are
+      // handled one after another in arrival order.
+      let chain = Promise.resolve();
+      const onData = (chunk: Buffer) => {
+        parser.parse(chunk, (message) => {
+          chain = chain.then(() => onMessage(message)).catch(reject);
+        });
+      };
+      socket.on('data', onData);
+      socket.write(serialize.startup({ user: target.user, database: target.database, client_encoding: 'UTF8' }));
+    });
+  }
+
+  private attach(): void {
+    this.socket.on('data', (chunk: Buffer) => {
+      try {
+        this.framer.push(chunk);
+      } catch (error) {
+        this.close(`invalid data from server: ${(error as Error).message}`);
+      }
+    });
+    this.socket.on('error', (error) => this.close(`socket error: ${error.message}`));
+    this.socket.on('close', () => this.close('server closed the connection'));
+  }
+
+  /** Sends bytes to the server. Returns false when the socket buffer is full. */
+  send(bytes: Buffer): boolean {
+    return this.socket.write(bytes);
+  }
+
+  /** Registers one more ReadyForQuery owed by the server. */
+  expect(reply: OwedReply): void {
+    this.owed.push(reply);
+  }
+
+  /** True when the connection can go back to the pool as it is. */
+  get reusable(): boolean {
+    return (
+      !this.closed &&
+      this.owed.length === 0 &&
+      !this.unsynced &&
+      !this.copyIn &&
+      this.transactionStatus === TransactionStatus.Idle
+    );
+  }
+
+  close(reason: string): void {
+    if (this.closed) return;
+    this.closed = true;
+    this.log.info({ reason }, 'server connection closed');
+    this.socket.destroy();
+    const sink = this.sink;
+    this.sink = null;
+    for (const reply of this.owed.splice(0)) reply.done?.(new Map([['M', reason]]));
+    sink?.connectionLost(this, reason);
+    this.onClose?.(this);
+  }
+
+  /** Set by the pool, to forget a closed connection. */
+  onClose: ((connection: ServerConnection) => void) | null = null;
+
+  // FrameHandler: every server message passes here.
+
+  message(type: number, frame: Buffer): void {
+    const head = this.owed[0];
+    const forward = head !== undefined ? head.forward : this.sink !== null;
+
+    switch (type) {
+      case Backend.ReadyForQuery:
+        this.transactionStatus = frame[5];
+        if (head !== undefined) {
+          this.owed.shift();
+          if (head.forward) this.sink?.relay(frame);
+          else head.done?.(head.error ?? null);
+        }
+        this.sink?.readyForQuery(this);
+        return;
+      case Backend.ErrorResponse:
+        if (head !== undefined && !head.forward) {
+          head.error ??= readErrorFields(frame);
+          this.log.error({ error: Object.fromEntries(head.error) }, 'proxy request failed on server');
+          return;
+        }
+        if (head === undefined && this.sink === null) {
+          // An error outside any request is the server ending the session (FATAL).
+          this.log.warn({ error: Object.fromEntries(readErrorFields(frame)) }, 'server sent an error while idle');
+          return;
+        }
+        break;
+      case Backend.CommandComplete:
+        if (forward) this.noteCommandTag(frame);
+        break;
+      case Backend.ParameterStatus:
+        this.noteParameterStatus(frame);
+        break;
+      case Backend.CopyInResponse:
+      case Backend.CopyBothResponse:
+        this.copyIn = true;
+        break;
+    }
+    if (forward) this.sink?.relay(frame);
+  }
+
+  streamStart(type: number, _totalLength: number, piece: Buffer): void {
+    const head = this.owed[0];
+    this.streamingForward = head !== undefined ? head.forward : this.sink !== null;
+    if (this.streamingForward) this.sink?.relayPiece(piece);
+  }
+
+  streamPiece(piece: Buffer): void {
+    if (this.streamingForward) this.sink?.relayPiece(piece);
+  }
+
+  chunkEnd(): void {
+    this.sink?.relayFlush();
+  }
+
+  private noteParameterStatus(frame: Buffer): void {
+    const nameEnd = frame.indexOf(0, 5);
+    const valueEnd = frame.indexOf(0, nameEnd + 1);
+    this.parameters.set(frame.toString('utf8', 5, nameEnd), frame.toString('utf8', nameEnd + 1, valueEnd));
+  }
+
+  /**
+   * Watches command tags for statements that change session state behind the proxy's back:
+   * SET and RESET (settings, including the identity), DISCARD (everything), DEALLOCATE
+   * (the proxy's prepared statements). Reads at most the first bytes of the tag.
+   */
+  private noteCommandTag(frame: Buffer): void {
+    const first = frame[5];
+    if (first !== 0x53 /* S */ && first !== 0x52 /* R */ && first !== 0x44 /* D */) return;
+    const tag = frame.toString('latin1', 5, Math.min(frame.length - 1, 20));
+    if (tag === 'SET' || tag === 'RESET') {
+      this.sessionStateDirty = true;
+      this.identityIntact = false;
+    } else if (tag.startsWith('DISCARD') || tag.startsWith('DEALLOCATE')) {
+      this.sessionStateDirty = true;
+      this.identityIntact = false;
+      this.preparedStatements.clear();
+    }
+  }
+}

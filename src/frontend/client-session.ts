@@ -1,0 +1,599 @@
+// One client connection, where the proxy plays the PostgreSQL server. It runs startup and
+// JWT authentication, then relays the client's requests to a leased server connection and
+// the server's replies back, one transaction per lease.
+//
+// Lease rule (transaction pooling): a server connection belongs to the client from the
+// first message of a request until every Sync and Query it forwarded has had its
+// ReadyForQuery, no extended-protocol batch is left without its Sync, and the last
+// ReadyForQuery says idle. `ServerConnection.reusable` states exactly that.
+import { randomInt, timingSafeEqual } from 'node:crypto';
+import type net from 'node:net';
+
+import type { ServerConnection, ServerReplySink } from '../backend/server-connection.ts';
+import * as clientErrors from '../errors/client-errors.ts';
+import { ClaimNotRepresentable, identityFromClaims, type Identity } from '../identity/claims.ts';
+import { type ClientState, ServerError } from '../identity/inject.ts';
+import type { Logger } from '../observability/logger.ts';
+import type { Checkout } from '../pool/pool.ts';
+import { CheckoutCanceled, CheckoutTimeout, UpstreamUnavailable } from '../pool/pool.ts';
+import {
+  AuthenticationCleartextPassword,
+  AuthenticationOk,
+  backendKeyData,
+  EncryptionNotSupported,
+  errorResponse,
+  type ErrorFields,
+  negotiateProtocolVersion,
+  parameterStatus,
+  ReadyForQueryIdle,
+} from '../protocol/backend-messages.ts';
+import { Backend, Frontend, MAX_STARTUP_PACKET_BYTES } from '../protocol/codes.ts';
+import { type FrameHandler, FramingError, MessageFramer } from '../protocol/framing.ts';
+import { parseOptions, parseStartupPacket } from '../protocol/frontend-messages.ts';
+import { TokenRejected } from './auth/jwt-auth.ts';
+import type { ProxyContext } from './proxy-context.ts';
+import { OutputBatch } from './output-batch.ts';
+
+type SessionState = 'startup' | 'password' | 'authenticating' | 'ready' | 'closed';
+
+/** Startup parameters that are about the connection, not session settings to apply. */
+const CONNECTION_PARAMETERS = new Set(['user', 'database', 'options', 'jwt', 'replication']);
+/** Reported parameters that change only with SET ROLE or SESSION AUTHORIZATION, never replayed. */
+const UNREPLAYABLE_PARAMETERS = new Set(['is_superuser', 'session_authorization', 'server_version', 'server_encoding', 'integer_datetimes', 'in_hot_standby']);
+/** Client message types that may stream through when larger than the framer's buffer limit. */
+const STREAMABLE = new Set<number>([Frontend.Bind, Frontend.CopyData, Frontend.Query, Frontend.Parse]);
+/** A password message carries the token; tokens of several kilobytes are normal. */
+const MAX_PASSWORD_MESSAGE_BYTES = 64 * 1024;
+/** Pending client bytes, while waiting for a server connection, before reading pauses. */
+const MAX_PENDING_BYTES = 1024 * 1024;
+
+interface PendingMessage {
+  type: number;
+  bytes: Buffer;
+  /** A piece of a streamed message: `start` marks its first piece, `last` its final one. */
+  piece?: { start: boolean; last: boolean };
+}
+
+let nextSessionId = 1;
+
+export class ClientSession implements FrameHandler, ServerReplySink {
+  readonly id = nextSessionId++;
+  processId = 0;
+  readonly secretKey = Buffer.alloc(4);
+  state: SessionState = 'startup';
+  log: Logger;
+
+  private startupBytes: Buffer = Buffer.alloc(0);
+  private readonly heldDuringAuthentication: Buffer[] = [];
+  private readonly framer: MessageFramer;
+  private readonly toClient: OutputBatch;
+  private readonly toServer: Buffer[] = [];
+  private startupTimer: NodeJS.Timeout | null;
+
+  private user = '';
+  private identity: Identity = new Map();
+  private readonly settings = new Map<string, string>();
+  private clientState!: ClientState;
+
+  lease: ServerConnection | null = null;
+  private checkout: Checkout | null = null;
+  private readonly pending: PendingMessage[] = [];
+  private pendingBytes = 0;
+  /** After an error of the proxy's own inside an extended batch: drop messages until Sync. */
+  private discardUntilSync = false;
+  /** The type of a client message being streamed through, or 0. */
+  private streamingType = 0;
+
+  constructor(
+    readonly socket: net.Socket,
+    private readonly context: ProxyContext,
+  ) {
+    this.log = context.log.child({ side: 'client', connId: this.id, peer: `${socket.remoteAddress}:${socket.remotePort}` });
+    this.framer = new MessageFramer(this, context.config.listen.max_message_bytes, STREAMABLE);
+    this.toClient = new OutputBatch(socket);
+    this.startupTimer = setTimeout(() => this.disconnect('startup timeout', clientErrors.startupTimeout()), context.config.listen.startup_timeout);
+
+    socket.setNoDelay(true);
+    socket.on('data', (chunk: Buffer) => this.receive(chunk));
+    socket.on('error', (error) => this.disconnect(`socket error: ${error.message}`));
+    socket.on('close', () => this.disconnect('client closed the connection'));
+  }
+
+  private receive(chunk: Buffer): void {
+    if (this.isClosed) return;
+    try {
+      if (this.state === 'startup') {
+        this.receiveStartup(chunk);
+      } else if (this.state === 'authenticating') {
+        // Nothing may reach a server before the token is verified; keep it for later.
+        this.heldDuringAuthentication.push(chunk);
+        this.socket.pause();
+      } else {
+        this.framer.push(chunk);
+      }
+    } catch (error) {
+      if (error instanceof FramingError) {
+        this.disconnect(error.message, clientErrors.protocolViolation(error.message));
+      } else {
+        this.log.error({ err: error }, 'unexpected error while handling client data');
+        this.disconnect('internal error', clientErrors.internalError());
+      }
+    }
+  }
+
+  // Startup: length-only packets (SSLRequest, GSSENCRequest, CancelRequest, StartupMessage).
+
+  private receiveStartup(chunk: Buffer): void {
+    this.startupBytes = this.startupBytes.length === 0 ? chunk : Buffer.concat([this.startupBytes, chunk]);
+    while (this.state === 'startup' && this.startupBytes.length >= 4) {
+      const length = this.startupBytes.readUInt32BE(0);
+      if (length < 8 || length > MAX_STARTUP_PACKET_BYTES) {
+        this.disconnect(`invalid startup packet length ${length}`, clientErrors.protocolViolation('invalid length of startup packet'));
+        return;
+      }
+      if (this.startupBytes.length < length) return;
+      const packet = this.startupBytes.subarray(0, length);
+      this.startupBytes = this.startupBytes.subarray(length);
+      this.handleStartupPacket(packet);
+    }
+    if (this.state !== 'startup' && !this.isClosed && this.startupBytes.length > 0) {
+      const rest = this.startupBytes;
+      this.startupBytes = Buffer.alloc(0);
+      this.receive(rest);
+    }
+  }
+
+  private handleStartupPacket(packet: Buffer): void {
+    let parsed;
+    try {
+      parsed = parseStartupPacket(packet);
+    } catch (error) {
+      this.disconnect(`invalid startup packet: ${(error as Error).message}`, clientErrors.protocolViolation((error as Error).message));
+      return;
+    }
+    switch (parsed.kind) {
+      case 'ssl':
+      case 'gssenc':
+        if (this.startupBytes.length > 0) {
+          // Bytes sent before our answer could not have been protected by the encryption
+          // the client asked for; PostgreSQL rejects them too.
+          this.disconnect('data received after an encryption request', clientErrors.protocolViolation('received unencrypted data after SSL request'));
+          return;
+        }
+        this.socket.write(EncryptionNotSupported);
+        return;
+      case 'cancel':
+        this.context.cancel(parsed.processId, parsed.secretKey, this.log);
+        this.disconnect('cancel request handled');
+        return;
+      case 'startup':
+        this.startSession(parsed.minorVersion, parsed.parameters);
+        return;
+    }
+  }
+
+  private startSession(minorVersion: number, parameters: Map<string, string>): void {
+    this.user = parameters.get('user') ?? '';
+    if (this.user === '') {
+      this.disconnect('no user name in startup packet', clientErrors.invalidStartupParameter('no PostgreSQL user name specified in startup packet'));
+      return;
+    }
+    if (parameters.has('replication')) {
+      this.disconnect('replication connection requested', clientErrors.invalidStartupParameter('replication connections are not supported by pg-audit-proxy'));
+      return;
+    }
+    const unrecognized = [...parameters.keys()].filter((name) => name.startsWith('_pq_.'));
+    if (minorVersion !== 0 || unrecognized.length > 0) this.socket.write(negotiateProtocolVersion(0, unrecognized));
+
+    let options = new Map<string, string>();
+    try {
+      options = parseOptions(parameters.get('options') ?? '');
+    } catch (error) {
+      this.disconnect('invalid options parameter', clientErrors.invalidStartupParameter((error as Error).message));
+      return;
+    }
+    for (const [name, value] of parameters) {
+      if (!CONNECTION_PARAMETERS.has(name) && !name.startsWith('_pq_.')) this.settings.set(name, value);
+    }
+    for (const [name, value] of options) {
+      if (name !== 'jwt') this.settings.set(name, value);
+    }
+
+    const database = parameters.get('database') || this.user;
+    const token = parameters.get('jwt') ?? options.get('jwt');
+    this.log = this.log.child({ user: this.user, database });
+    if (token !== undefined) {
+      this.state = 'authenticating';
+      void this.authenticate(token, database);
+    } else {
+      this.state = 'password';
+      this.passwordDatabase = database;
+      this.socket.write(AuthenticationCleartextPassword);
+    }
+  }
+
+  private passwordDatabase = '';
+
+  private async authenticate(token: string, database: string): Promise<void> {
+    this.state = 'authenticating';
+    const { context } = this;
+    try {
+      const payload = await context.verifier.verify(token);
+      if (this.state !== 'authenticating') return;
+      if (database !== context.config.upstream.write.database) {
+        this.disconnect(`unknown database "${database}"`, clientErrors.databaseNotFound(database));
+        return;
+      }
+      this.identity = identityFromClaims(payload, context.config.identity.columns);
+    } catch (error) {
+      if (error instanceof TokenRejected) {
+        this.log.warn({ reason: error.message }, 'authentication failed');
+        this.disconnect('authentication failed', clientErrors.authenticationFailed(this.user));
+      } else if (error instanceof ClaimNotRepresentable) {
+        this.log.warn({ column: error.column }, 'authentication failed: claim contains a NUL byte');
+        this.disconnect('claim contains a NUL byte', clientErrors.claimNotRepresentable(error.column));
+      } else {
+        this.log.error({ err: error }, 'token verification failed unexpectedly');
+        this.disconnect('internal error', clientErrors.internalError());
+      }
+      return;
+    }
+    this.clientState = { owner: this, identity: this.identity, settings: this.settings };
+    this.log = this.log.child({ identity: Object.fromEntries(this.identity) });
+    await this.applyStartupSettings();
+  }
+
+  /**
+   * Applies the client's startup settings on a server connection once, so invalid values
+   * are rejected at login as PostgreSQL would, and the client learns each reported
+   * parameter as the server normalized it.
+   */
+  private async applyStartupSettings(): Promise<void> {
+    const pool = this.context.writePool;
+    const checkout = pool.checkout(this);
+    this.checkout = checkout;
+    let connection: ServerConnection;
+    try {
+      connection = await checkout.connection;
+    } catch (error) {
+      this.checkout = null;
+      if (this.isClosed) return;
+      const reason = (error as Error).message;
+      this.disconnect(`no server connection at login: ${reason}`, { ...clientErrors.upstreamUnavailable(reason), severity: 'FATAL' });
+      return;
+    }
+    this.checkout = null;
+    if (this.isClosed) {
+      pool.release(connection);
+      return;
+    }
+    try {
+      await this.context.leaseSetup.apply(connection, this.clientState, { identity: false, wait: true });
+    } catch (error) {
+      pool.release(connection);
+      const fields = error instanceof ServerError ? error.fields : new Map<string, string>();
+      const message = (error as Error).message;
+      this.disconnect(`startup setting rejected: ${message}`, { severity: 'FATAL', code: fields.get('C') ?? '22023', message, hint: fields.get('H') });
+      return;
+    }
+    for (const [name, value] of connection.parameters) {
+      if (typeof value === 'string' && this.settings.has(name) && connection.startupParameters.has(name)) this.settings.set(name, value);
+    }
+    const reported: Buffer[] = [];
+    for (const [name, startupValue] of connection.startupParameters) {
+      const value = this.settings.get(name) ?? startupValue;
+      reported.push(parameterStatus(name, value));
+    }
+    pool.release(connection);
+    if (this.isClosed) return;
+
+    this.processId = this.context.registerSession(this);
+    this.secretKey.writeInt32BE(randomInt(-(2 ** 31), 2 ** 31));
+    this.finishStartup(reported);
+  }
+
+  private finishStartup(reported: Buffer[]): void {
+    if (this.startupTimer) clearTimeout(this.startupTimer);
+    this.startupTimer = null;
+    this.state = 'ready';
+    this.socket.write(Buffer.concat([AuthenticationOk, ...reported, backendKeyData(this.processId, this.secretKey.readInt32BE()), ReadyForQueryIdle]));
+    this.log.info('client authenticated');
+    for (const chunk of this.heldDuringAuthentication.splice(0)) this.receive(chunk);
+    this.socket.resume();
+  }
+
+  private get isClosed(): boolean {
+    return this.state === 'closed';
+  }
+
+  /** True when `secretKey` matches this session's, compared in constant time. */
+  matchesSecret(secretKey: Buffer): boolean {
+    return secretKey.length === 4 && timingSafeEqual(secretKey, this.secretKey);
+  }
+
+  // FrameHandler: every client message after startup passes here.
+
+  message(type: number, frame: Buffer): void {
+    if (this.state === 'password') {
+      this.handlePassword(type, frame);
+      return;
+    }
+    if (this.state !== 'ready') return;
+    if (this.discardUntilSync) {
+      if (type === Frontend.Sync) {
+        this.discardUntilSync = false;
+        this.toClient.add(ReadyForQueryIdle);
+      } else if (type === Frontend.Terminate) {
+        this.disconnect('client sent Terminate');
+      }
+      return;
+    }
+    if (type === Frontend.Terminate) {
+      this.disconnect('client sent Terminate');
+      return;
+    }
+    if (this.lease === null || this.pending.length > 0) {
+      this.enqueue({ type, bytes: frame });
+      return;
+    }
+    this.track(this.lease, type);
+    this.toServer.push(frame);
+  }
+
+  streamStart(type: number, _totalLength: number, piece: Buffer): void {
+    if (this.state !== 'ready') {
+      this.disconnect('message too large during startup', clientErrors.protocolViolation('invalid message length during startup'));
+      return;
+    }
+    this.streamingType = type;
+    if (this.lease === null || this.pending.length > 0) {
+      this.enqueue({ type, bytes: piece, piece: { start: true, last: false } });
+      return;
+    }
+    this.track(this.lease, type);
+    this.toServer.push(piece);
+  }
+
+  streamPiece(piece: Buffer, last: boolean): void {
+    if (last) this.streamingType = 0;
+    if (this.lease === null || this.pending.length > 0) {
+      this.enqueue({ type: 0, bytes: piece, piece: { start: false, last } });
+      return;
+    }
+    this.toServer.push(piece);
+  }
+
+  chunkEnd(): void {
+    this.flushToServer();
+    this.toClient.flush();
+  }
+
+  private handlePassword(type: number, frame: Buffer): void {
+    if (type !== Frontend.PasswordMessage || frame.length > MAX_PASSWORD_MESSAGE_BYTES) {
+      this.disconnect('expected a password message', clientErrors.protocolViolation(`expected password response, got message type ${type}`));
+      return;
+    }
+    const end = frame.indexOf(0, 5);
+    const token = frame.toString('utf8', 5, end < 0 ? frame.length : end);
+    void this.authenticate(token, this.passwordDatabase);
+  }
+
+  /** Updates the connection's bookkeeping for one client message about to be forwarded. */
+  private track(connection: ServerConnection, type: number): void {
+    switch (type) {
+      case Frontend.Query:
+      case Frontend.FunctionCall:
+        connection.expect({ forward: true });
+        break;
+      case Frontend.Sync:
+        connection.unsynced = false;
+        // The server ignores Sync during COPY FROM STDIN and sends no ReadyForQuery for it.
+        if (!connection.copyIn) connection.expect({ forward: true });
+        break;
+      case Frontend.Parse:
+      case Frontend.Bind:
+      case Frontend.Describe:
+      case Frontend.Execute:
+      case Frontend.Close:
+        connection.unsynced = true;
+        break;
+      case Frontend.CopyDone:
+      case Frontend.CopyFail:
+        connection.copyIn = false;
+        break;
+    }
+  }
+
+  private flushToServer(): void {
+    const connection = this.lease;
+    if (connection === null || this.toServer.length === 0) return;
+    const bytes = this.toServer.length === 1 ? this.toServer[0] : Buffer.concat(this.toServer);
+    this.toServer.length = 0;
+    if (!connection.send(bytes)) {
+      this.socket.pause();
+      connection.socket.once('drain', () => this.socket.resume());
+    }
+  }
+
+  private enqueue(message: PendingMessage): void {
+    this.pending.push(message);
+    this.pendingBytes += message.bytes.length;
+    if (this.pendingBytes > MAX_PENDING_BYTES) this.socket.pause();
+    if (this.lease === null && this.checkout === null) void this.acquireLease();
+  }
+
+  // Leases.
+
+  private async acquireLease(): Promise<void> {
+    const pool = this.context.writePool;
+    const checkout = pool.checkout(this);
+    this.checkout = checkout;
+    let connection: ServerConnection;
+    try {
+      connection = await checkout.connection;
+    } catch (error) {
+      this.checkout = null;
+      this.failPending(this.describeCheckoutError(error));
+      return;
+    }
+    this.checkout = null;
+    if (this.isClosed) {
+      pool.release(connection);
+      return;
+    }
+
+    connection.sink = this;
+    this.lease = connection;
+    try {
+      const setup = this.context.leaseSetup.apply(connection, this.clientState, { identity: true, wait: false });
+      if (setup !== null) await setup;
+    } catch (error) {
+      this.log.error({ err: (error as Error).message, serverConnId: connection.id }, 'could not set the identity on a server connection');
+      this.lease = null;
+      connection.sink = null;
+      connection.close('identity setup failed');
+      this.failPending(clientErrors.upstreamUnavailable(`could not set the identity: ${(error as Error).message}`));
+      return;
+    }
+    if (this.isClosed || this.lease !== connection) return;
+    this.drainPending(connection);
+  }
+
+  private describeCheckoutError(error: unknown): ErrorFields {
+    if (error instanceof CheckoutTimeout) {
+      this.log.warn({ waitedMs: error.waitedMs }, 'server connection checkout timed out');
+      return clientErrors.checkoutTimeout(error.waitedMs);
+    }
+    if (error instanceof CheckoutCanceled) return clientErrors.queryCanceledWhileWaiting();
+    if (error instanceof UpstreamUnavailable) return clientErrors.upstreamUnavailable(error.message);
+    this.log.error({ err: error }, 'server connection checkout failed unexpectedly');
+    return clientErrors.upstreamUnavailable('internal error');
+  }
+
+  /** Forwards the messages that arrived while waiting for the lease, in order. */
+  private drainPending(connection: ServerConnection): void {
+    for (const message of this.pending) {
+      if (message.piece === undefined || message.piece.start) this.track(connection, message.type);
+      this.toServer.push(message.bytes);
+    }
+    this.pending.length = 0;
+    this.pendingBytes = 0;
+    this.flushToServer();
+    if (!this.isClosed) this.socket.resume();
+  }
+
+  /**
+   * Answers the pending requests with `error` as a server would: one ErrorResponse per
+   * Query and per Sync-delimited batch, one ReadyForQuery per Query and Sync, and
+   * messages after the error are skipped until the client's next Sync.
+   */
+  private failPending(error: ErrorFields): void {
+    if (this.isClosed) return;
+    let errorSent = false;
+    for (const message of this.pending) {
+      if (message.piece !== undefined && !message.piece.start) continue;
+      if (!errorSent) {
+        this.toClient.add(errorResponse(error));
+        errorSent = true;
+      }
+      if (message.type === Frontend.Query || message.type === Frontend.Sync || message.type === Frontend.FunctionCall) {
+        this.toClient.add(ReadyForQueryIdle);
+        errorSent = false;
+      }
+    }
+    this.discardUntilSync = errorSent;
+    this.pending.length = 0;
+    this.pendingBytes = 0;
+    this.toClient.flush();
+    this.socket.resume();
+  }
+
+  /** Cancels this client's request: at the server if one is running, else its wait for a server connection. */
+  cancelRequest(): void {
+    if (this.checkout !== null) {
+      this.checkout.cancel();
+      return;
+    }
+    const connection = this.lease;
+    if (connection !== null && connection.owed.length > 0) this.context.forwardCancel(connection, this.log);
+  }
+
+  // ServerReplySink: replies from the leased server connection.
+
+  relay(frame: Buffer): void {
+    if (frame[0] === Backend.ParameterStatus) this.noteParameterStatus(frame);
+    this.toClient.add(frame);
+  }
+
+  relayPiece(piece: Buffer): void {
+    this.toClient.add(piece);
+  }
+
+  relayFlush(): void {
+    const connection = this.lease;
+    if (!this.toClient.flush() && connection !== null) {
+      connection.socket.pause();
+      this.socket.once('drain', () => connection.socket.resume());
+    }
+  }
+
+  readyForQuery(connection: ServerConnection): void {
+    if (connection !== this.lease || !connection.reusable || this.streamingType !== 0) return;
+    this.relayFlush();
+    this.lease = null;
+    connection.socket.resume();
+    this.context.releaseLease(connection);
+    if (this.pending.length > 0 && this.checkout === null) void this.acquireLease();
+  }
+
+  connectionLost(connection: ServerConnection, reason: string): void {
+    if (connection !== this.lease) return;
+    this.lease = null;
+    this.log.warn({ serverConnId: connection.id, reason }, 'server connection lost during lease');
+    this.toClient.flush();
+    this.disconnect(`server connection lost: ${reason}`, clientErrors.upstreamConnectionLost());
+  }
+
+  /** Keeps the client's own changes to reported parameters, so the next lease replays them. */
+  private noteParameterStatus(frame: Buffer): void {
+    const nameEnd = frame.indexOf(0, 5);
+    const name = frame.toString('utf8', 5, nameEnd);
+    if (UNREPLAYABLE_PARAMETERS.has(name)) return;
+    this.settings.set(name, frame.toString('utf8', nameEnd + 1, frame.indexOf(0, nameEnd + 1)));
+  }
+
+  // Shutdown.
+
+  /** Sends `error` if given, closes the client, and hands its server connection to cleanup. */
+  disconnect(reason: string, error?: ErrorFields): void {
+    if (this.isClosed) return;
+    const wasReady = this.state === 'ready';
+    this.state = 'closed';
+    if (this.startupTimer) clearTimeout(this.startupTimer);
+    if (error !== undefined && !this.socket.destroyed) {
+      this.toClient.add(errorResponse(error));
+      this.toClient.flush();
+    }
+    this.socket.end();
+    this.socket.destroySoon?.();
+    setTimeout(() => this.socket.destroy(), 1000).unref();
+
+    this.checkout?.cancel();
+    this.checkout = null;
+    this.pending.length = 0;
+    const connection = this.lease;
+    this.lease = null;
+    if (connection !== null) {
+      this.context.abandonLease(connection, this.streamingType !== 0, this.log);
+    }
+    this.context.unregisterSession(this);
+    if (error !== undefined) this.log.info({ reason, code: error.code }, 'client disconnected with error');
+    else if (wasReady) this.log.info({ reason }, 'client disconnected');
+    else this.log.debug({ reason }, 'client disconnected before login');
+  }
+
+  /** Tells the client the proxy is shutting down, and closes it. */
+  shutdown(): void {
+    this.disconnect('proxy shutting down', clientErrors.shuttingDown());
+  }
+}

@@ -1,0 +1,183 @@
+// The proxy's own requests at the start of each lease: they bring a server connection to
+// the leasing client's session parameters and identity, in a transaction of the proxy's
+// own, before any of the client's messages. Claim values and parameter values travel as
+// bind parameters of prepared statements, never inside SQL text. Their replies are
+// swallowed through the connection's queue of owed replies.
+import { serialize } from 'pg-protocol';
+
+import type { Config } from '../config/schema.ts';
+import { type ServerConnection, UNKNOWN } from '../backend/server-connection.ts';
+import { identityJson, type Identity } from './claims.ts';
+
+/** The custom setting that carries the identity, as a JSON object, for the `settings` carrier. */
+export const IDENTITY_SETTING = 'pg_audit_proxy.identity';
+
+/** Parameters the server reports but no client can set with set_config. */
+const READ_ONLY_PARAMETERS = new Set([
+  'server_version', 'server_encoding', 'integer_datetimes', 'is_superuser', 'session_authorization', 'in_hot_standby',
+]);
+
+const SET_PARAMETERS = 'pg_audit_proxy_set_parameters';
+/** Sets each name to its value; a NULL value restores the setting's reset value. */
+const SET_PARAMETERS_SQL =
+  'SELECT pg_catalog.set_config(t.name, coalesce(t.value, ' +
+  '(SELECT s.reset_val FROM pg_catalog.pg_settings s WHERE s.name = t.name)), false) ' +
+  'FROM ROWS FROM (pg_catalog.unnest($1::text[]), pg_catalog.unnest($2::text[])) AS t(name, value)';
+
+const BEGIN = 'pg_audit_proxy_begin';
+const COMMIT = 'pg_audit_proxy_commit';
+const REFRESH_USERINFO = 'pg_audit_proxy_refresh_userinfo';
+
+export const Sync = serialize.sync();
+
+/** What a client wants the server connection to hold while it is leased. */
+export interface ClientState {
+  /** The client session object; compared by identity to skip refreshes. */
+  owner: object;
+  identity: Identity;
+  /** Session parameters the client set at startup or since, by name. */
+  settings: ReadonlyMap<string, string>;
+}
+
+export class LeaseSetup {
+  private readonly columns: string[];
+  private readonly createUserinfoSql: string;
+  private readonly refreshUserinfoSql: string;
+
+  constructor(private readonly identity: Config['identity']) {
+    this.columns = Object.keys(identity.columns);
+    const columnList = this.columns.join(', ');
+    this.createUserinfoSql =
+      'BEGIN READ WRITE; ' +
+      `CREATE TEMP TABLE IF NOT EXISTS userinfo (${this.columns.map((column) => `${column} text`).join(', ')}); ` +
+      'GRANT SELECT ON pg_temp.userinfo TO PUBLIC; COMMIT';
+    const placeholders = this.columns.map((_, index) => `$${index + 1}`).join(', ');
+    this.refreshUserinfoSql = `WITH cleared AS (DELETE FROM pg_temp.userinfo) INSERT INTO pg_temp.userinfo (${columnList}) VALUES (${placeholders})`;
+  }
+
+  /**
+   * Sends what `connection` needs to match `client`: parameter changes and, on the write
+   * pool, the identity. Returns a promise when the client's messages must wait for the
+   * replies (the `temp_table` carrier, whose refresh can fail if a client altered the
+   * table), or null when they may follow at once.
+   */
+  apply(connection: ServerConnection, client: ClientState, options: { identity: boolean; wait: boolean }): Promise<void> | null {
+    const names: string[] = [];
+    const values: (string | null)[] = [];
+    this.collectParameterChanges(connection, client, names, values);
+
+    const needsIdentity = options.identity && !(connection.identityOwner === client.owner && connection.identityIntact);
+    const settingsCarrier = this.identity.carrier === 'settings';
+    if (needsIdentity && settingsCarrier) {
+      names.push(IDENTITY_SETTING);
+      values.push(identityJson(client.identity));
+    }
+
+    let parametersSet: Promise<void> | null = null;
+    if (names.length > 0) {
+      if (connection.parameters.get('client_encoding') !== 'UTF8') {
+        // Bind parameters are decoded in the connection's client_encoding: speak UTF-8 first.
+        // The client's own encoding, if any, is in `names` and applied by this same statement.
+        connection.expect({ forward: false });
+        connection.send(serialize.query("SET client_encoding = 'UTF8'"));
+      }
+      const messages: Buffer[] = [];
+      if (!connection.preparedStatements.has(SET_PARAMETERS)) {
+        messages.push(serialize.parse({ name: SET_PARAMETERS, text: SET_PARAMETERS_SQL }));
+        connection.preparedStatements.add(SET_PARAMETERS);
+      }
+      messages.push(
+        serialize.bind({ statement: SET_PARAMETERS, values: [textArray(names), textArray(values)] }),
+        serialize.execute({}),
+        Sync,
+      );
+      parametersSet = this.request(connection, Buffer.concat(messages));
+      if (!options.wait) parametersSet.catch(() => connection.close('setting session parameters failed'));
+      names.forEach((name, index) => connection.parameters.set(name, values[index] ?? connection.startupParameters.get(name) ?? UNKNOWN));
+    }
+
+    if (needsIdentity) {
+      connection.identityOwner = client.owner;
+      connection.identityIntact = true;
+      if (!settingsCarrier) return Promise.all([parametersSet, this.refreshUserinfo(connection, client, true)]).then(() => undefined);
+    }
+    return options.wait ? parametersSet : null;
+  }
+
+  private collectParameterChanges(connection: ServerConnection, client: ClientState, names: string[], values: (string | null)[]): void {
+    for (const [name, value] of client.settings) {
+      if (connection.parameters.get(name) !== value) {
+        names.push(name);
+        values.push(value);
+      }
+    }
+    for (const [name, current] of connection.parameters) {
+      if (client.settings.has(name) || READ_ONLY_PARAMETERS.has(name)) continue;
+      const startupValue = connection.startupParameters.get(name);
+      if (current === startupValue) continue;
+      names.push(name);
+      values.push(startupValue ?? null);
+    }
+  }
+
+  /** Writes the identity into the connection's temp table `userinfo`, creating or repairing the table as needed. */
+  private async refreshUserinfo(connection: ServerConnection, client: ClientState, mayRepair: boolean): Promise<void> {
+    const messages: Buffer[] = [];
+    if (!connection.preparedStatements.has(REFRESH_USERINFO)) {
+      await this.request(connection, serialize.query(this.createUserinfoSql));
+      messages.push(
+        serialize.parse({ name: BEGIN, text: 'BEGIN READ WRITE' }),
+        serialize.parse({ name: REFRESH_USERINFO, text: this.refreshUserinfoSql }),
+        serialize.parse({ name: COMMIT, text: 'COMMIT' }),
+      );
+      for (const name of [BEGIN, REFRESH_USERINFO, COMMIT]) connection.preparedStatements.add(name);
+    }
+    const values = this.columns.map((column) => client.identity.get(column) ?? null);
+    messages.push(
+      serialize.bind({ statement: BEGIN }), serialize.execute({}),
+      serialize.bind({ statement: REFRESH_USERINFO, values }), serialize.execute({}),
+      serialize.bind({ statement: COMMIT }), serialize.execute({}),
+      Sync,
+    );
+    try {
+      await this.request(connection, Buffer.concat(messages));
+    } catch (error) {
+      // A client dropped or altered its connection's userinfo table: build it anew, once.
+      connection.identityIntact = false;
+      if (!mayRepair || connection.closed) throw error;
+      connection.log.warn({ err: (error as Error).message }, 'userinfo temp table refresh failed; recreating the table');
+      for (const name of [BEGIN, REFRESH_USERINFO, COMMIT]) connection.preparedStatements.delete(name);
+      // Close, unlike DEALLOCATE, succeeds for a statement that no longer exists.
+      const closes = [BEGIN, REFRESH_USERINFO, COMMIT].map((name) => serialize.close({ type: 'S', name }));
+      await this.request(connection, Buffer.concat([...closes, Sync]));
+      await this.request(connection, serialize.query('DROP TABLE IF EXISTS pg_temp.userinfo'));
+      await this.refreshUserinfo(connection, client, false);
+      connection.identityIntact = true;
+    }
+  }
+
+  /** Sends one request of the proxy's own that ends in exactly one ReadyForQuery, and waits for it. */
+  private request(connection: ServerConnection, bytes: Buffer): Promise<void> {
+    return new Promise((resolve, reject) => {
+      connection.expect({
+        forward: false,
+        done: (error) => (error === null ? resolve() : reject(new ServerError(error))),
+      });
+      connection.send(bytes);
+    });
+  }
+}
+
+/** An ErrorResponse the server sent for one of the proxy's own requests. */
+export class ServerError extends Error {
+  override name = 'ServerError';
+  constructor(readonly fields: Map<string, string>) {
+    super(fields.get('M') ?? 'request failed');
+  }
+}
+
+/** A PostgreSQL text array literal; NULL elements stay NULL. */
+export function textArray(values: (string | null)[]): string {
+  const elements = values.map((value) => (value === null ? 'NULL' : `"${value.replace(/[\\"]/g, '\\$&')}"`));
+  return `{${elements.join(',')}}`;
+}
