@@ -38,10 +38,6 @@ export interface ServerReplySink {
   connectionLost(connection: ServerConnection, reason: string): void;
 }
 
-/** ParameterStatus values as the connection has them now; UNKNOWN where a client may have changed one unseen. */
-export const UNKNOWN = Symbol('unknown');
-export type ParameterValue = string | typeof UNKNOWN;
-
 /** Types of server messages that may stream through instead of being buffered whole. */
 const STREAMABLE = new Set<number>([Backend.DataRow, Backend.CopyData]);
 
@@ -55,8 +51,8 @@ export class ServerConnection implements FrameHandler {
   transactionStatus: number = TransactionStatus.Idle;
   /** Parameters as the server reported them right after startup. */
   readonly startupParameters = new Map<string, string>();
-  /** Parameters as they are now, as far as the proxy knows. */
-  readonly parameters = new Map<string, ParameterValue>();
+  /** Parameters as they are now: reported ones, plus those the proxy set for a client. */
+  readonly parameters = new Map<string, string>();
   readonly owed: OwedReply[] = [];
   /** Client messages since the last Sync: the server holds an unfinished extended-protocol batch. */
   unsynced = false;

@@ -277,7 +277,7 @@ export class ClientSession implements FrameHandler, ServerReplySink {
       return;
     }
     for (const [name, value] of connection.parameters) {
-      if (typeof value === 'string' && this.settings.has(name) && connection.startupParameters.has(name)) this.settings.set(name, value);
+      if (this.settings.has(name) && connection.startupParameters.has(name)) this.settings.set(name, value);
     }
     const reported: Buffer[] = [];
     for (const [name, startupValue] of connection.startupParameters) {

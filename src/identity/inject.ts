@@ -6,7 +6,7 @@
 import { serialize } from 'pg-protocol';
 
 import type { Config } from '../config/schema.ts';
-import { type ServerConnection, UNKNOWN } from '../backend/server-connection.ts';
+import type { ServerConnection } from '../backend/server-connection.ts';
 import { identityJson, type Identity } from './claims.ts';
 
 /** The custom setting that carries the identity, as a JSON object, for the `settings` carrier. */
@@ -93,7 +93,13 @@ export class LeaseSetup {
       );
       parametersSet = this.request(connection, Buffer.concat(messages));
       if (!options.wait) parametersSet.catch(() => connection.close('setting session parameters failed'));
-      names.forEach((name, index) => connection.parameters.set(name, values[index] ?? connection.startupParameters.get(name) ?? UNKNOWN));
+      names.forEach((name, index) => {
+        if (name === IDENTITY_SETTING) return;
+        const value = values[index];
+        if (value !== null) connection.parameters.set(name, value);
+        else if (connection.startupParameters.has(name)) connection.parameters.set(name, connection.startupParameters.get(name)!);
+        else connection.parameters.delete(name);
+      });
     }
 
     if (needsIdentity) {
