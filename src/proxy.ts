@@ -121,7 +121,7 @@ export class Proxy implements ProxyContext {
       return;
     }
     connection.sink = null;
-    connection.expect({
+    connection.request(serialize.query('RESET ALL'), {
       forward: false,
       done: (error) => {
         if (error !== null) {
@@ -137,7 +137,6 @@ export class Proxy implements ProxyContext {
         this.writePool.release(connection);
       },
     });
-    connection.send(serialize.query('RESET ALL'));
   }
 
   abandonLease(connection: ServerConnection, midMessage: boolean, log: Logger): void {
@@ -149,8 +148,7 @@ export class Proxy implements ProxyContext {
     for (const reply of connection.owed) reply.forward = false;
     if (connection.unsynced) {
       connection.unsynced = false;
-      connection.expect({ forward: false });
-      connection.send(Sync);
+      connection.request(Sync, { forward: false });
     }
     const timer = setTimeout(() => {
       log.warn({ serverConnId: connection.id }, 'server connection did not finish a departed client\'s work in time');
@@ -166,8 +164,7 @@ export class Proxy implements ProxyContext {
       readyForQuery: () => {
         if (connection.owed.length > 0) return;
         if (connection.transactionStatus !== TransactionStatus.Idle) {
-          connection.expect({ forward: false });
-          connection.send(serialize.query('ROLLBACK'));
+          connection.request(serialize.query('ROLLBACK'), { forward: false });
           return;
         }
         clearTimeout(timer);

@@ -8,9 +8,12 @@ import { fileURLToPath } from 'node:url';
 import pg from 'pg';
 
 export interface InstallSqlOptions {
-  /** URL of the target database, for a role that may create roles and schemas (see sql/README.md). */
+  /**
+   * URL of the target database, for a superuser or for a role with CREATEROLE and CREATE on
+   * the database (it creates the role audit_proxy_owner if missing and joins it).
+   */
   databaseUrl: string;
-  /** Roles that applications log in as; empty means the database's owner. */
+  /** Roles that applications log in as. An empty list means the database's owner. */
   appRoles: string[];
   /** Receives one line per step and per warning. */
   log?: (line: string) => void;
@@ -39,8 +42,8 @@ export async function installSql(options: InstallSqlOptions): Promise<void> {
     connectionTimeoutMillis: CONNECT_TIMEOUT_MS,
     application_name: 'pg-audit-proxy sql install',
   });
-  // A connection lost between queries is reported by the next query; without a listener the
-  // 'error' event would crash the process.
+  // A connection lost between queries makes the next query fail. Without a listener, the
+  // 'error' event would also crash the process.
   client.on('error', () => {});
 
   try {
@@ -68,9 +71,12 @@ export async function installSql(options: InstallSqlOptions): Promise<void> {
     }
 
     const appRoles = options.appRoles.length > 0 ? options.appRoles : [await databaseOwner(client)];
+    // As the owner of the audit objects, so that an installer that is not a superuser may grant.
+    await client.query(`SET LOCAL ROLE ${OWNER_ROLE}`);
     for (const role of appRoles) {
       await grantToAppRole(client, role, log);
     }
+    await client.query('RESET ROLE');
 
     await client.query('COMMIT');
     log(`sql install: done, application roles: ${appRoles.join(', ')}`);
@@ -105,7 +111,7 @@ async function grantToAppRole(client: pg.Client, role: string, log: (line: strin
   );
   const info = found.rows[0];
   if (info === undefined) {
-    throw new Error(`sql install failed: application role ${JSON.stringify(role)} does not exist; create it first or pass another --app-role`);
+    throw new Error(`sql install failed: application role ${JSON.stringify(role)} does not exist: create it first or pass another --app-role`);
   }
 
   const quoted = pg.escapeIdentifier(role);

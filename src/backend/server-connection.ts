@@ -13,16 +13,8 @@ import type { Logger } from '../observability/logger.ts';
 import { Backend, TransactionStatus } from '../protocol/codes.ts';
 import { readErrorFields } from '../protocol/backend-messages.ts';
 import { type FrameHandler, MessageFramer } from '../protocol/framing.ts';
+import { type OwedReply, ReplyKind, repliesFor } from './owed-replies.ts';
 import { continueScram, finishScram, md5Password, startScram, type ScramSession } from './server-auth.ts';
-
-/** What the connection does with the replies up to one ReadyForQuery. */
-export interface OwedReply {
-  /** True: relay to the leasing client. False: the proxy's own request; swallow. */
-  forward: boolean;
-  /** Called at its ReadyForQuery with the first ErrorResponse's fields, if any. */
-  done?: (error: Map<string, string> | null) => void;
-  error?: Map<string, string> | null;
-}
 
 /** The client side of a lease: where the server's forwarded replies go. */
 export interface ServerReplySink {
@@ -58,8 +50,10 @@ export class ServerConnection implements FrameHandler {
   unsynced = false;
   /** The server is in COPY FROM STDIN and ignores Sync until CopyDone or CopyFail. */
   copyIn = false;
-  /** Names of the proxy's own prepared statements that exist on this connection. */
-  readonly preparedStatements = new Set<string>();
+  /** Prepared statements of the proxy's own (identity, parameters) that exist on this connection. */
+  readonly proxyStatements = new Set<string>();
+  /** Clients' named statements prepared here under their shared server names, least recently used first. */
+  readonly statementCache = new Map<string, true>();
   /** The client session whose identity the connection holds, and whether it may have been changed since. */
   identityOwner: object | null = null;
   identityIntact = false;
@@ -201,9 +195,16 @@ export class ServerConnection implements FrameHandler {
     return this.socket.write(bytes);
   }
 
-  /** Registers one more ReadyForQuery owed by the server. */
+  /** Registers the reply owed for one message sent (or a synthetic one), and releases synthetic replies now at the front. */
   expect(reply: OwedReply): void {
     this.owed.push(reply);
+    if (this.owed.length === 1 && reply.kind === ReplyKind.Synthetic) this.releaseSynthetic();
+  }
+
+  /** Sends complete messages of the proxy's own; `reply.done` runs at the final ReadyForQuery. */
+  request(bytes: Buffer, reply: Omit<OwedReply, 'kind'>): void {
+    for (const owed of repliesFor(bytes, reply)) this.owed.push(owed);
+    this.send(bytes);
   }
 
   /** True when the connection can go back to the pool as it is. */
@@ -225,6 +226,8 @@ export class ServerConnection implements FrameHandler {
     const sink = this.sink;
     this.sink = null;
     for (const reply of this.owed.splice(0)) reply.done?.(new Map([['M', reason]]));
+    this.statementCache.clear();
+    this.proxyStatements.clear();
     sink?.connectionLost(this, reason);
     this.onClose?.(this);
   }
@@ -235,34 +238,38 @@ export class ServerConnection implements FrameHandler {
   // FrameHandler: every server message passes here.
 
   message(type: number, frame: Buffer): void {
-    const head = this.owed[0];
-    const forward = head !== undefined ? head.forward : this.sink !== null;
-
     switch (type) {
+      case Backend.ParseComplete:
+        this.complete(ReplyKind.ParseComplete, frame);
+        return;
+      case Backend.BindComplete:
+        this.complete(ReplyKind.BindComplete, frame);
+        return;
+      case Backend.CloseComplete:
+        this.complete(ReplyKind.CloseComplete, frame);
+        return;
+      case Backend.NoData:
+        this.complete(ReplyKind.Describe, frame);
+        return;
+      case Backend.RowDescription:
+        if (this.owed[0]?.kind === ReplyKind.Describe) this.complete(ReplyKind.Describe, frame);
+        else this.relayByHead(frame);
+        return;
+      case Backend.CommandComplete:
+      case Backend.EmptyQueryResponse:
+      case Backend.PortalSuspended:
+        if (type === Backend.CommandComplete && this.owed[0]?.forward) this.noteCommandTag(frame);
+        if (this.owed[0]?.kind === ReplyKind.Execute) this.complete(ReplyKind.Execute, frame);
+        else this.relayByHead(frame);
+        return;
       case Backend.ReadyForQuery:
         this.transactionStatus = frame[5];
-        if (head !== undefined) {
-          this.owed.shift();
-          if (head.forward) this.sink?.relay(frame);
-          else head.done?.(head.error ?? null);
-        }
+        this.complete(this.owed[0]?.kind === ReplyKind.Query ? ReplyKind.Query : ReplyKind.Sync, frame);
         this.sink?.readyForQuery(this);
         return;
       case Backend.ErrorResponse:
-        if (head !== undefined && !head.forward) {
-          head.error ??= readErrorFields(frame);
-          this.log.error({ error: Object.fromEntries(head.error) }, 'proxy request failed on server');
-          return;
-        }
-        if (head === undefined && this.sink === null) {
-          // An error outside any request is the server ending the session (FATAL).
-          this.log.warn({ error: Object.fromEntries(readErrorFields(frame)) }, 'server sent an error while idle');
-          return;
-        }
-        break;
-      case Backend.CommandComplete:
-        if (forward) this.noteCommandTag(frame);
-        break;
+        this.handleError(frame);
+        return;
       case Backend.ParameterStatus:
         this.noteParameterStatus(frame);
         break;
@@ -271,7 +278,75 @@ export class ServerConnection implements FrameHandler {
         this.copyIn = true;
         break;
     }
-    if (forward) this.sink?.relay(frame);
+    this.relayByHead(frame);
+  }
+
+  /** Relays a message that does not complete an entry, if the entry it belongs to is forwarded. */
+  private relayByHead(frame: Buffer): void {
+    const head = this.owed[0];
+    if (head !== undefined ? head.forward : this.sink !== null) this.sink?.relay(frame);
+  }
+
+  /** Completes the front entry with `frame`, which must be the reply it waits for. */
+  private complete(kind: ReplyKind, frame: Buffer): void {
+    const head = this.owed.shift();
+    if (head === undefined || head.kind !== kind) {
+      // The server answered something we did not send: the bookkeeping can no longer be
+      // trusted, so neither can the connection.
+      this.close(`unexpected reply "${String.fromCharCode(frame[0])}" from server`);
+      return;
+    }
+    if (head.forward) this.sink?.relay(frame);
+    head.done?.(head.error ?? null);
+    this.releaseSynthetic();
+  }
+
+  /** Sends the synthetic replies that every earlier reply has now preceded. */
+  private releaseSynthetic(): void {
+    while (this.owed.length > 0 && this.owed[0].kind === ReplyKind.Synthetic) {
+      const entry = this.owed.shift()!;
+      if (entry.synthetic !== undefined) this.sink?.relay(entry.synthetic);
+    }
+  }
+
+  /**
+   * An ErrorResponse ends the front entry. In the extended protocol the server then skips
+   * every message until Sync, so their entries go too. The error reaches the client when
+   * its messages were among those affected, unless the proxy already told it (swallowError).
+   */
+  private handleError(frame: Buffer): void {
+    const head = this.owed[0];
+    if (head === undefined) {
+      if (this.sink !== null) {
+        this.sink.relay(frame);
+      } else {
+        // An error outside any request is the server ending the session (FATAL).
+        this.log.warn({ error: Object.fromEntries(readErrorFields(frame)) }, 'server sent an error while idle');
+      }
+      return;
+    }
+    let relay = head.forward && !head.swallowError;
+    let end = head;
+    if (head.kind !== ReplyKind.Query) {
+      let skipped = 0;
+      while (skipped < this.owed.length && this.owed[skipped].kind !== ReplyKind.Sync) {
+        const entry = this.owed[skipped];
+        if (entry.statement !== undefined) this.statementCache.delete(entry.statement);
+        if (entry.forward && !head.swallowError) relay = true;
+        skipped++;
+      }
+      this.owed.splice(0, skipped);
+      if (this.owed.length > 0) {
+        end = this.owed[0];
+        if (end.forward && !head.swallowError) relay = true;
+      }
+    }
+    if (relay) {
+      this.sink?.relay(frame);
+      return;
+    }
+    end.error ??= readErrorFields(frame);
+    if (!head.swallowError) this.log.error({ error: Object.fromEntries(end.error) }, 'proxy request failed on server');
   }
 
   streamStart(type: number, _totalLength: number, piece: Buffer): void {
@@ -309,7 +384,8 @@ export class ServerConnection implements FrameHandler {
     } else if (tag.startsWith('DISCARD') || tag.startsWith('DEALLOCATE')) {
       this.sessionStateDirty = true;
       this.identityIntact = false;
-      this.preparedStatements.clear();
+      this.proxyStatements.clear();
+      this.statementCache.clear();
     }
   }
 }

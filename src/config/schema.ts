@@ -67,6 +67,8 @@ export const configSchema = z.strictObject({
     checkout_timeout: duration.default(5000),
     /** Idle server connections older than this are closed. 0 keeps them. */
     idle_timeout: duration.default(600_000),
+    /** Clients' named prepared statements kept per server connection; the least recently used is closed beyond this. */
+    prepared_statement_cache_size: z.number().int().positive().default(250),
     /** How long a server connection may take to finish the replies a departed client still owed before it is closed. */
     cleanup_timeout: duration.default(5000),
   }).prefault({}),

@@ -83,6 +83,14 @@ export function shuttingDown(): ErrorFields {
   return { severity: 'FATAL', code: SqlState.AdminShutdown, message: 'terminating connection due to administrator command' };
 }
 
+export function duplicatePreparedStatement(name: string): ErrorFields {
+  return { severity: 'ERROR', code: SqlState.DuplicatePreparedStatement, message: `prepared statement "${name}" already exists` };
+}
+
+export function unknownPreparedStatement(name: string): ErrorFields {
+  return { severity: 'ERROR', code: SqlState.InvalidSqlStatementName, message: `prepared statement "${name}" does not exist` };
+}
+
 export function internalError(): ErrorFields {
   return { severity: 'FATAL', code: SqlState.InternalError, message: 'internal error in the proxy; see its log' };
 }

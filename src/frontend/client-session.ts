@@ -9,6 +9,9 @@
 import { randomInt, timingSafeEqual } from 'node:crypto';
 import type net from 'node:net';
 
+import { serialize } from 'pg-protocol';
+
+import { ReplyKind, replyKindOf } from '../backend/owed-replies.ts';
 import type { ServerConnection, ServerReplySink } from '../backend/server-connection.ts';
 import * as clientErrors from '../errors/client-errors.ts';
 import { ClaimNotRepresentable, identityFromClaims, type Identity } from '../identity/claims.ts';
@@ -33,6 +36,18 @@ import { parseOptions, parseStartupPacket } from '../protocol/frontend-messages.
 import { TokenRejected } from './auth/jwt-auth.ts';
 import type { ProxyContext } from './proxy-context.ts';
 import { OutputBatch } from './output-batch.ts';
+import {
+  AbortBatchParse,
+  type ClientStatement,
+  clientStatement,
+  CloseComplete,
+  ParseComplete,
+  readCString,
+  renameInMessage,
+} from './prepared-statements.ts';
+
+/** Describe and Close name a prepared statement with 'S', a portal with 'P'. */
+const STATEMENT = 0x53;
 
 type SessionState = 'startup' | 'password' | 'authenticating' | 'ready' | 'closed';
 
@@ -40,8 +55,12 @@ type SessionState = 'startup' | 'password' | 'authenticating' | 'ready' | 'close
 const CONNECTION_PARAMETERS = new Set(['user', 'database', 'options', 'jwt', 'replication']);
 /** Reported parameters that change only with SET ROLE or SESSION AUTHORIZATION, never replayed. */
 const UNREPLAYABLE_PARAMETERS = new Set(['is_superuser', 'session_authorization', 'server_version', 'server_encoding', 'integer_datetimes', 'in_hot_standby']);
-/** Client message types that may stream through when larger than the framer's buffer limit. */
-const STREAMABLE = new Set<number>([Frontend.Bind, Frontend.CopyData, Frontend.Query, Frontend.Parse]);
+/**
+ * Client message types that may stream through when larger than the framer's buffer limit.
+ * Parse and Bind are read for statement names, so they arrive whole (up to
+ * listen.max_message_bytes).
+ */
+const STREAMABLE = new Set<number>([Frontend.CopyData, Frontend.Query]);
 /** A password message carries the token; tokens of several kilobytes are normal. */
 const MAX_PASSWORD_MESSAGE_BYTES = 64 * 1024;
 /** Pending client bytes, while waiting for a server connection, before reading pauses. */
@@ -73,6 +92,8 @@ export class ClientSession implements FrameHandler, ServerReplySink {
   private user = '';
   private identity: Identity = new Map();
   private readonly settings = new Map<string, string>();
+  /** The client's named prepared statements, by the client's names. */
+  private readonly statements = new Map<string, ClientStatement>();
   private clientState!: ClientState;
 
   lease: ServerConnection | null = null;
@@ -112,7 +133,7 @@ export class ClientSession implements FrameHandler, ServerReplySink {
         this.framer.push(chunk);
       }
     } catch (error) {
-      if (error instanceof FramingError) {
+      if (error instanceof FramingError || error instanceof RangeError) {
         this.disconnect(error.message, clientErrors.protocolViolation(error.message));
       } else {
         this.log.error({ err: error }, 'unexpected error while handling client data');
@@ -320,13 +341,16 @@ export class ClientSession implements FrameHandler, ServerReplySink {
     }
     if (this.state !== 'ready') return;
     if (this.discardUntilSync) {
-      if (type === Frontend.Sync) {
-        this.discardUntilSync = false;
-        this.toClient.add(ReadyForQueryIdle);
-      } else if (type === Frontend.Terminate) {
+      if (type === Frontend.Terminate) {
         this.disconnect('client sent Terminate');
+        return;
       }
-      return;
+      if (type !== Frontend.Sync) return;
+      this.discardUntilSync = false;
+      if (this.lease === null && this.pending.length === 0) {
+        this.toClient.add(ReadyForQueryIdle);
+        return;
+      }
     }
     if (type === Frontend.Terminate) {
       this.disconnect('client sent Terminate');
@@ -336,8 +360,7 @@ export class ClientSession implements FrameHandler, ServerReplySink {
       this.enqueue({ type, bytes: frame });
       return;
     }
-    this.track(this.lease, type);
-    this.toServer.push(frame);
+    this.forward(this.lease, type, frame);
   }
 
   streamStart(type: number, _totalLength: number, piece: Buffer): void {
@@ -350,8 +373,7 @@ export class ClientSession implements FrameHandler, ServerReplySink {
       this.enqueue({ type, bytes: piece, piece: { start: true, last: false } });
       return;
     }
-    this.track(this.lease, type);
-    this.toServer.push(piece);
+    this.send(this.lease, type, piece);
   }
 
   streamPiece(piece: Buffer, last: boolean): void {
@@ -378,30 +400,122 @@ export class ClientSession implements FrameHandler, ServerReplySink {
     void this.authenticate(token, this.passwordDatabase);
   }
 
-  /** Updates the connection's bookkeeping for one client message about to be forwarded. */
-  private track(connection: ServerConnection, type: number): void {
+  /** Forwards one client message, translating named prepared statements to their server names. */
+  private forward(connection: ServerConnection, type: number, frame: Buffer): void {
     switch (type) {
-      case Frontend.Query:
-      case Frontend.FunctionCall:
-        connection.expect({ forward: true });
-        break;
-      case Frontend.Sync:
-        connection.unsynced = false;
-        // The server ignores Sync during COPY FROM STDIN and sends no ReadyForQuery for it.
-        if (!connection.copyIn) connection.expect({ forward: true });
-        break;
       case Frontend.Parse:
+        this.forwardParse(connection, frame);
+        return;
       case Frontend.Bind:
+        this.forwardStatementUse(connection, frame, readCString(frame, 5)[1]);
+        return;
       case Frontend.Describe:
-      case Frontend.Execute:
+        if (frame[5] === STATEMENT) this.forwardStatementUse(connection, frame, 6);
+        else this.send(connection, type, frame);
+        return;
       case Frontend.Close:
-        connection.unsynced = true;
-        break;
-      case Frontend.CopyDone:
-      case Frontend.CopyFail:
-        connection.copyIn = false;
-        break;
+        if (frame[5] === STATEMENT) this.closeStatement(connection, frame);
+        else this.send(connection, type, frame);
+        return;
+      default:
+        this.send(connection, type, frame);
     }
+  }
+
+  /** Sends a message unchanged and registers the reply it is owed. */
+  private send(connection: ServerConnection, type: number, bytes: Buffer): void {
+    const kind = replyKindOf(type);
+    if (type === Frontend.Sync) {
+      connection.unsynced = false;
+      // The server ignores Sync during COPY FROM STDIN and sends no ReadyForQuery for it.
+      if (!connection.copyIn) connection.expect({ kind: ReplyKind.Sync, forward: true });
+    } else if (kind !== undefined) {
+      connection.expect({ kind, forward: true });
+      if (kind !== ReplyKind.Query) connection.unsynced = true;
+    } else if (type === Frontend.CopyDone || type === Frontend.CopyFail) {
+      connection.copyIn = false;
+    }
+    this.toServer.push(bytes);
+  }
+
+  private forwardParse(connection: ServerConnection, frame: Buffer): void {
+    const [name, bodyOffset] = readCString(frame, 5);
+    if (name === '') {
+      this.send(connection, Frontend.Parse, frame);
+      return;
+    }
+    if (this.statements.has(name)) {
+      this.failBatch(connection, clientErrors.duplicatePreparedStatement(name));
+      return;
+    }
+    const statement = clientStatement(frame, bodyOffset);
+    this.statements.set(name, statement);
+    connection.unsynced = true;
+    if (connection.statementCache.has(statement.serverName)) {
+      this.touchCached(connection, statement.serverName);
+      connection.expect({ kind: ReplyKind.Synthetic, forward: true, synthetic: ParseComplete });
+      return;
+    }
+    this.prepareOnServer(connection, statement, true);
+  }
+
+  /** Bind or Describe of a named statement: prepare it on this connection if needed, then rename it. */
+  private forwardStatementUse(connection: ServerConnection, frame: Buffer, nameStart: number): void {
+    const [name, nameEnd] = readCString(frame, nameStart);
+    if (name === '') {
+      this.send(connection, frame[0], frame);
+      return;
+    }
+    const statement = this.statements.get(name);
+    if (statement === undefined) {
+      this.failBatch(connection, clientErrors.unknownPreparedStatement(name));
+      return;
+    }
+    if (connection.statementCache.has(statement.serverName)) this.touchCached(connection, statement.serverName);
+    else this.prepareOnServer(connection, statement, false);
+    this.send(connection, frame[0], renameInMessage(frame, nameStart, nameEnd, statement.serverName));
+  }
+
+  /** Close of a named statement ends the client's name only; the server statement stays cached for reuse. */
+  private closeStatement(connection: ServerConnection, frame: Buffer): void {
+    const [name] = readCString(frame, 6);
+    this.statements.delete(name);
+    connection.unsynced = true;
+    connection.expect({ kind: ReplyKind.Synthetic, forward: true, synthetic: CloseComplete });
+  }
+
+  /** Sends the statement's Parse; its ParseComplete goes to the client only when the client sent that Parse. */
+  private prepareOnServer(connection: ServerConnection, statement: ClientStatement, forward: boolean): void {
+    const cache = connection.statementCache;
+    if (cache.size >= this.context.config.pool.prepared_statement_cache_size) {
+      const oldest = cache.keys().next().value as string;
+      cache.delete(oldest);
+      connection.expect({ kind: ReplyKind.CloseComplete, forward: false });
+      this.toServer.push(serialize.close({ type: 'S', name: oldest }));
+    }
+    cache.set(statement.serverName, true);
+    connection.expect({ kind: ReplyKind.ParseComplete, forward, statement: statement.serverName });
+    connection.unsynced = true;
+    this.toServer.push(statement.parse);
+  }
+
+  private touchCached(connection: ServerConnection, serverName: string): void {
+    connection.statementCache.delete(serverName);
+    connection.statementCache.set(serverName, true);
+  }
+
+  /**
+   * Rejects a message inside the client's batch as PostgreSQL would: the client gets the
+   * ErrorResponse in its place, the server is made to abort the batch's implicit
+   * transaction, and the client's messages until Sync are skipped.
+   */
+  private failBatch(connection: ServerConnection, error: ErrorFields): void {
+    this.log.info({ code: error.code, message: error.message }, 'client message rejected');
+    connection.expect({ kind: ReplyKind.Synthetic, forward: true, synthetic: errorResponse(error) });
+    connection.expect({ kind: ReplyKind.ParseComplete, forward: false, swallowError: true });
+    connection.unsynced = true;
+    this.toServer.push(AbortBatchParse);
+    this.discardUntilSync = true;
   }
 
   private flushToServer(): void {
@@ -444,6 +558,7 @@ export class ClientSession implements FrameHandler, ServerReplySink {
 
     connection.sink = this;
     this.lease = connection;
+    this.log.trace({ serverConnId: connection.id }, 'lease started');
     try {
       const setup = this.context.leaseSetup.apply(connection, this.clientState, { identity: true, wait: false });
       if (setup !== null) await setup;
@@ -473,8 +588,13 @@ export class ClientSession implements FrameHandler, ServerReplySink {
   /** Forwards the messages that arrived while waiting for the lease, in order. */
   private drainPending(connection: ServerConnection): void {
     for (const message of this.pending) {
-      if (message.piece === undefined || message.piece.start) this.track(connection, message.type);
-      this.toServer.push(message.bytes);
+      if (this.discardUntilSync) {
+        if (message.type !== Frontend.Sync) continue;
+        this.discardUntilSync = false;
+      }
+      if (message.piece === undefined) this.forward(connection, message.type, message.bytes);
+      else if (message.piece.start) this.send(connection, message.type, message.bytes);
+      else this.toServer.push(message.bytes);
     }
     this.pending.length = 0;
     this.pendingBytes = 0;
@@ -541,6 +661,7 @@ export class ClientSession implements FrameHandler, ServerReplySink {
     if (connection !== this.lease || !connection.reusable || this.streamingType !== 0) return;
     this.relayFlush();
     this.lease = null;
+    this.log.trace({ serverConnId: connection.id }, 'lease ended');
     connection.socket.resume();
     this.context.releaseLease(connection);
     if (this.pending.length > 0 && this.checkout === null) void this.acquireLease();

@@ -78,13 +78,12 @@ export class LeaseSetup {
       if (connection.parameters.get('client_encoding') !== 'UTF8') {
         // Bind parameters are decoded in the connection's client_encoding: speak UTF-8 first.
         // The client's own encoding, if any, is in `names` and applied by this same statement.
-        connection.expect({ forward: false });
-        connection.send(serialize.query("SET client_encoding = 'UTF8'"));
+        connection.request(serialize.query("SET client_encoding = 'UTF8'"), { forward: false });
       }
       const messages: Buffer[] = [];
-      if (!connection.preparedStatements.has(SET_PARAMETERS)) {
+      if (!connection.proxyStatements.has(SET_PARAMETERS)) {
         messages.push(serialize.parse({ name: SET_PARAMETERS, text: SET_PARAMETERS_SQL }));
-        connection.preparedStatements.add(SET_PARAMETERS);
+        connection.proxyStatements.add(SET_PARAMETERS);
       }
       messages.push(
         serialize.bind({ statement: SET_PARAMETERS, values: [textArray(names), textArray(values)] }),
@@ -129,14 +128,14 @@ export class LeaseSetup {
   /** Writes the identity into the connection's temp table `userinfo`, creating or repairing the table as needed. */
   private async refreshUserinfo(connection: ServerConnection, client: ClientState, mayRepair: boolean): Promise<void> {
     const messages: Buffer[] = [];
-    if (!connection.preparedStatements.has(REFRESH_USERINFO)) {
+    if (!connection.proxyStatements.has(REFRESH_USERINFO)) {
       await this.request(connection, serialize.query(this.createUserinfoSql));
       messages.push(
         serialize.parse({ name: BEGIN, text: 'BEGIN READ WRITE' }),
         serialize.parse({ name: REFRESH_USERINFO, text: this.refreshUserinfoSql }),
         serialize.parse({ name: COMMIT, text: 'COMMIT' }),
       );
-      for (const name of [BEGIN, REFRESH_USERINFO, COMMIT]) connection.preparedStatements.add(name);
+      for (const name of [BEGIN, REFRESH_USERINFO, COMMIT]) connection.proxyStatements.add(name);
     }
     const values = this.columns.map((column) => client.identity.get(column) ?? null);
     messages.push(
@@ -152,7 +151,7 @@ export class LeaseSetup {
       connection.identityIntact = false;
       if (!mayRepair || connection.closed) throw error;
       connection.log.warn({ err: (error as Error).message }, 'userinfo temp table refresh failed; recreating the table');
-      for (const name of [BEGIN, REFRESH_USERINFO, COMMIT]) connection.preparedStatements.delete(name);
+      for (const name of [BEGIN, REFRESH_USERINFO, COMMIT]) connection.proxyStatements.delete(name);
       // Close, unlike DEALLOCATE, succeeds for a statement that no longer exists.
       const closes = [BEGIN, REFRESH_USERINFO, COMMIT].map((name) => serialize.close({ type: 'S', name }));
       await this.request(connection, Buffer.concat([...closes, Sync]));
@@ -165,11 +164,10 @@ export class LeaseSetup {
   /** Sends one request of the proxy's own that ends in exactly one ReadyForQuery, and waits for it. */
   private request(connection: ServerConnection, bytes: Buffer): Promise<void> {
     return new Promise((resolve, reject) => {
-      connection.expect({
+      connection.request(bytes, {
         forward: false,
         done: (error) => (error === null ? resolve() : reject(new ServerError(error))),
       });
-      connection.send(bytes);
     });
   }
 }

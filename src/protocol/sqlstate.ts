@@ -11,4 +11,6 @@ export const SqlState = {
   CharacterNotInRepertoire: '22021',
   FeatureNotSupported: '0A000',
   InternalError: 'XX000',
+  DuplicatePreparedStatement: '42P05',
+  InvalidSqlStatementName: '26000',
 } as const;

@@ -1,0 +1,65 @@
+// Named prepared statements under transaction pooling. A client's statement names are its
+// own; on the server each statement lives under a name derived from its text and parameter
+// types, so clients that prepare the same text share one server-side statement, and any
+// server connection can be given it again when a client's next transaction lands there.
+import { createHash } from 'node:crypto';
+
+import { Backend, Frontend } from '../protocol/codes.ts';
+
+export interface ClientStatement {
+  /** Name of the shared statement on server connections. */
+  serverName: string;
+  /** The client's Parse, renamed to `serverName`, ready to send to any server connection. */
+  parse: Buffer;
+}
+
+export const ParseComplete = Buffer.from([Backend.ParseComplete, 0, 0, 0, 4]);
+export const CloseComplete = Buffer.from([Backend.CloseComplete, 0, 0, 0, 4]);
+
+/**
+ * A Parse that always fails (syntax error) and creates nothing. Sent when the proxy itself
+ * rejects a message inside a client's batch, so the server aborts the batch's implicit
+ * transaction and skips to Sync exactly as it would have for its own error.
+ */
+export const AbortBatchParse = buildMessage(Frontend.Parse, [cString('pg_audit_proxy_abort'), cString('pg_audit_proxy abort batch'), Buffer.from([0, 0])]);
+
+function cString(value: string): Buffer {
+  return Buffer.from(`${value}\0`, 'utf8');
+}
+
+function buildMessage(type: number, parts: Buffer[]): Buffer {
+  const bodyLength = parts.reduce((sum, part) => sum + part.length, 0);
+  const message = Buffer.allocUnsafe(5 + bodyLength);
+  message[0] = type;
+  message.writeUInt32BE(4 + bodyLength, 1);
+  let offset = 5;
+  for (const part of parts) {
+    part.copy(message, offset);
+    offset += part.length;
+  }
+  return message;
+}
+
+/** Reads the NUL-terminated string at `offset`; returns it and the offset after its NUL. */
+export function readCString(frame: Buffer, offset: number): [string, number] {
+  const end = frame.indexOf(0, offset);
+  if (end < 0) throw new RangeError('missing string terminator');
+  return [frame.toString('utf8', offset, end), end + 1];
+}
+
+/** The server name of a statement: a digest of its query text and parameter types. */
+export function serverStatementName(queryAndTypes: Buffer): string {
+  return `pg_audit_proxy_${createHash('sha1').update(queryAndTypes).digest('hex')}`;
+}
+
+/** Parse(name, ...) into the client statement it defines. `bodyOffset` is where the query text starts. */
+export function clientStatement(frame: Buffer, bodyOffset: number): ClientStatement {
+  const queryAndTypes = frame.subarray(bodyOffset);
+  const serverName = serverStatementName(queryAndTypes);
+  return { serverName, parse: buildMessage(Frontend.Parse, [cString(serverName), queryAndTypes]) };
+}
+
+/** Bind with its statement name, which spans [nameStart, nameEnd) including the NUL, replaced. */
+export function renameInMessage(frame: Buffer, nameStart: number, nameEnd: number, newName: string): Buffer {
+  return buildMessage(frame[0], [frame.subarray(5, nameStart), cString(newName), frame.subarray(nameEnd)]);
+}
