@@ -11,7 +11,7 @@ import type { Config } from './config/schema.ts';
 import * as clientErrors from './errors/client-errors.ts';
 import { JwtVerifier } from './frontend/auth/jwt-auth.ts';
 import { ClientSession } from './frontend/client-session.ts';
-import type { ProxyContext } from './frontend/proxy-context.ts';
+import type { ProxyContext, ProxyStats } from './frontend/proxy-context.ts';
 import { LeaseSetup, Sync } from './identity/inject.ts';
 import type { Logger } from './observability/logger.ts';
 import { Pool } from './pool/pool.ts';
@@ -25,6 +25,7 @@ export class Proxy implements ProxyContext {
   readonly verifier: JwtVerifier;
   readonly leaseSetup: LeaseSetup;
   readonly writePool: Pool;
+  readonly stats: ProxyStats = { pinnedClients: 0, rejectedStatements: 0 };
   /** Random per process, 1..1023: the top bits of every process id this copy hands out. */
   readonly instanceTag = randomInt(1, 1024);
   private nextSessionNumber = 1;
@@ -114,6 +115,11 @@ export class Proxy implements ProxyContext {
         connection.afterCancels = null;
         this.releaseLease(connection);
       };
+      return;
+    }
+    if (connection.discardAfterLease) {
+      connection.close('a client left session state on it');
+      this.writePool.release(connection);
       return;
     }
     if (!connection.sessionStateDirty) {

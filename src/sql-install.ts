@@ -9,8 +9,9 @@ import pg from 'pg';
 
 export interface InstallSqlOptions {
   /**
-   * URL of the target database, for a superuser or for a role with CREATEROLE and CREATE on
-   * the database (it creates the role audit_proxy_owner if missing and joins it).
+   * URL of the target database, for a superuser or for a role with CREATEROLE and the CREATE
+   * privilege on the database and on schema public. The install creates the role
+   * audit_proxy_owner if missing and makes the installing role a member.
    */
   databaseUrl: string;
   /** Roles that applications log in as. An empty list means the database's owner. */
@@ -19,7 +20,7 @@ export interface InstallSqlOptions {
   log?: (line: string) => void;
 }
 
-/** Key of the transaction-level advisory lock that serializes installs into one database. */
+/** Takes the transaction-level advisory lock that serializes installs into one database. */
 const INSTALL_LOCK_SQL = "SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtextextended('pg_audit_proxy.sql_install', 0))";
 const CONNECT_TIMEOUT_MS = 10_000;
 const OWNER_ROLE = 'audit_proxy_owner';

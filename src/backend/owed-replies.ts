@@ -31,8 +31,12 @@ export interface OwedReply {
   synthetic?: Buffer;
   /** An error of this entry is never relayed, even inside a client's batch. */
   swallowError?: boolean;
+  /** The client already got an error for its request: swallow the rest, except the final ReadyForQuery. */
+  muted?: boolean;
   /** For a Parse the proxy sent: the server statement name, forgotten if the Parse fails. */
   statement?: string;
+  /** For the proxy's own queries: receives each DataRow of the entry. */
+  onRow?: (frame: Buffer) => void;
   /** For Sync and Query entries: called at their ReadyForQuery with the first error's fields, if any. */
   done?: (error: Map<string, string> | null) => void;
   error?: Map<string, string> | null;
@@ -67,7 +71,7 @@ export function repliesFor(bytes: Buffer, reply: Omit<OwedReply, 'kind'>): OwedR
   let offset = 0;
   while (offset < bytes.length) {
     const kind = replyKindOf(bytes[offset]);
-    if (kind !== undefined) replies.push({ kind, forward: reply.forward, swallowError: reply.swallowError });
+    if (kind !== undefined) replies.push({ kind, forward: reply.forward, swallowError: reply.swallowError, onRow: reply.onRow });
     offset += 1 + bytes.readUInt32BE(offset + 1);
   }
   const last = replies[replies.length - 1];

@@ -28,6 +28,12 @@ export interface ServerReplySink {
   readyForQuery(connection: ServerConnection): void;
   /** The connection failed or the server closed it. */
   connectionLost(connection: ServerConnection, reason: string): void;
+  /**
+   * A client statement created session state that replaying parameters cannot carry to
+   * another server connection (`statement` names it). Returns true when the sink sent the
+   * client something else in place of this CommandComplete.
+   */
+  sessionStateCreated?(connection: ServerConnection, statement: string): boolean;
 }
 
 /** Types of server messages that may stream through instead of being buffered whole. */
@@ -59,6 +65,12 @@ export class ServerConnection implements FrameHandler {
   identityIntact = false;
   /** A client ran SET or RESET during its lease: session state must be reset before reuse. */
   sessionStateDirty = false;
+  /** A client's session state lives here (pinned, or rejected after the fact): close instead of reusing. */
+  discardAfterLease = false;
+  /** A client ran SET or RESET with no ParameterStatus: settings the server does not report may have changed. */
+  unreportedSetSeen = false;
+  /** A ParameterStatus of a replayable parameter arrived since the last CommandComplete. */
+  private parameterReported = false;
   /** Cancel requests sent for this connection whose socket the server has not closed yet. */
   cancelsInFlight = 0;
   /** Called when the last cancel in flight has settled. */
@@ -258,7 +270,12 @@ export class ServerConnection implements FrameHandler {
       case Backend.CommandComplete:
       case Backend.EmptyQueryResponse:
       case Backend.PortalSuspended:
-        if (type === Backend.CommandComplete && this.owed[0]?.forward) this.noteCommandTag(frame);
+        if (type === Backend.CommandComplete && this.owed[0]?.forward && this.noteCommandTag(frame)) {
+          // The client got an error in place of this reply: mute the rest of its request.
+          this.muteUntilReady();
+          if (this.owed[0]?.kind === ReplyKind.Execute) this.complete(ReplyKind.Execute, frame);
+          return;
+        }
         if (this.owed[0]?.kind === ReplyKind.Execute) this.complete(ReplyKind.Execute, frame);
         else this.relayByHead(frame);
         return;
@@ -284,7 +301,16 @@ export class ServerConnection implements FrameHandler {
   /** Relays a message that does not complete an entry, if the entry it belongs to is forwarded. */
   private relayByHead(frame: Buffer): void {
     const head = this.owed[0];
-    if (head !== undefined ? head.forward : this.sink !== null) this.sink?.relay(frame);
+    if (head?.onRow !== undefined && frame[0] === Backend.DataRow) head.onRow(frame);
+    if (head !== undefined ? head.forward && !head.muted : this.sink !== null) this.sink?.relay(frame);
+  }
+
+  /** Swallows every reply up to the next ReadyForQuery, which still reaches the client. */
+  private muteUntilReady(): void {
+    for (const entry of this.owed) {
+      entry.muted = true;
+      if (entry.kind === ReplyKind.Sync || entry.kind === ReplyKind.Query) break;
+    }
   }
 
   /** Completes the front entry with `frame`, which must be the reply it waits for. */
@@ -296,7 +322,7 @@ export class ServerConnection implements FrameHandler {
       this.close(`unexpected reply "${String.fromCharCode(frame[0])}" from server`);
       return;
     }
-    if (head.forward) this.sink?.relay(frame);
+    if (head.forward && (!head.muted || kind === ReplyKind.Sync || kind === ReplyKind.Query)) this.sink?.relay(frame);
     head.done?.(head.error ?? null);
     this.releaseSynthetic();
   }
@@ -325,7 +351,7 @@ export class ServerConnection implements FrameHandler {
       }
       return;
     }
-    let relay = head.forward && !head.swallowError;
+    let relay = head.forward && !head.swallowError && !head.muted;
     let end = head;
     if (head.kind !== ReplyKind.Query) {
       let skipped = 0;
@@ -366,26 +392,48 @@ export class ServerConnection implements FrameHandler {
   private noteParameterStatus(frame: Buffer): void {
     const nameEnd = frame.indexOf(0, 5);
     const valueEnd = frame.indexOf(0, nameEnd + 1);
-    this.parameters.set(frame.toString('utf8', 5, nameEnd), frame.toString('utf8', nameEnd + 1, valueEnd));
+    const name = frame.toString('utf8', 5, nameEnd);
+    this.parameters.set(name, frame.toString('utf8', nameEnd + 1, valueEnd));
+    if (!UNREPLAYABLE_PARAMETERS.has(name)) this.parameterReported = true;
   }
 
   /**
-   * Watches command tags for statements that change session state behind the proxy's back:
-   * SET and RESET (settings, including the identity), DISCARD (everything), DEALLOCATE
-   * (the proxy's prepared statements). Reads at most the first bytes of the tag.
+   * Watches the tags of client statements for session state: SET and RESET (settings,
+   * including the identity), DISCARD, DEALLOCATE (the proxy's statements), and state that
+   * parameter replay cannot carry: LISTEN, SQL PREPARE, cursors, tables (temporary ones
+   * included), and SET or RESET of a parameter the server does not report. Reads only the
+   * tag's first bytes for the common tags. Returns true when the sink replaced this reply.
    */
-  private noteCommandTag(frame: Buffer): void {
+  private noteCommandTag(frame: Buffer): boolean {
+    const parameterReported = this.parameterReported;
+    this.parameterReported = false;
     const first = frame[5];
-    if (first !== 0x53 /* S */ && first !== 0x52 /* R */ && first !== 0x44 /* D */) return;
-    const tag = frame.toString('latin1', 5, Math.min(frame.length - 1, 20));
+    if (first !== 0x53 /* S */ && first !== 0x52 /* R */ && first !== 0x44 /* D */ && first !== 0x4c /* L */ && first !== 0x50 /* P */ && first !== 0x43 /* C */) {
+      return false;
+    }
+    const tag = frame.toString('latin1', 5, Math.min(frame.length - 1, 24));
+    let statement: string | null = null;
     if (tag === 'SET' || tag === 'RESET') {
       this.sessionStateDirty = true;
       this.identityIntact = false;
+      // SET LOCAL, SET TRANSACTION and SET of unreported parameters look alike here; the
+      // session's settings are read back at the end of the lease instead.
+      if (!parameterReported) this.unreportedSetSeen = true;
     } else if (tag.startsWith('DISCARD') || tag.startsWith('DEALLOCATE')) {
       this.sessionStateDirty = true;
       this.identityIntact = false;
       this.proxyStatements.clear();
       this.statementCache.clear();
+      if (tag.startsWith('DISCARD')) statement = tag;
+    } else if (tag === 'LISTEN' || tag === 'PREPARE' || tag === 'DECLARE CURSOR' || tag === 'CREATE TABLE') {
+      statement = tag;
     }
+    if (statement === null) return false;
+    return this.sink?.sessionStateCreated?.(this, statement) ?? false;
   }
 }
+
+/** Reported parameters that change only with SET ROLE or SESSION AUTHORIZATION, or never: not replayable. */
+export const UNREPLAYABLE_PARAMETERS = new Set([
+  'is_superuser', 'session_authorization', 'server_version', 'server_encoding', 'integer_datetimes', 'in_hot_standby',
+]);

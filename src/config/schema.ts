@@ -67,6 +67,13 @@ export const configSchema = z.strictObject({
     checkout_timeout: duration.default(5000),
     /** Idle server connections older than this are closed. 0 keeps them. */
     idle_timeout: duration.default(600_000),
+    /**
+     * Session state that cannot follow a client to another server connection (LISTEN, SQL
+     * PREPARE, cursors, tables, session advisory locks, SET of unreported parameters):
+     * `pin` keeps the client on its server connection until it disconnects; `reject` fails
+     * the statement with SQLSTATE 0A000.
+     */
+    session_state: z.enum(['pin', 'reject']).default('pin'),
     /** Clients' named prepared statements kept per server connection; the least recently used is closed beyond this. */
     prepared_statement_cache_size: z.number().int().positive().default(250),
     /** How long a server connection may take to finish the replies a departed client still owed before it is closed. */

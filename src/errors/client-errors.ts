@@ -91,6 +91,16 @@ export function unknownPreparedStatement(name: string): ErrorFields {
   return { severity: 'ERROR', code: SqlState.InvalidSqlStatementName, message: `prepared statement "${name}" does not exist` };
 }
 
+export function sessionStateRejected(statement: string): ErrorFields {
+  return {
+    severity: 'ERROR',
+    code: SqlState.FeatureNotSupported,
+    message: `${statement} is not supported under transaction pooling`,
+    detail: `The statement creates session state that cannot follow the client to another server connection, and pool.session_state is "reject".`,
+    hint: 'Set pool.session_state to "pin" to keep such clients on one server connection, or avoid the statement.',
+  };
+}
+
 export function internalError(): ErrorFields {
   return { severity: 'FATAL', code: SqlState.InternalError, message: 'internal error in the proxy; see its log' };
 }

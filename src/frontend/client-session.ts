@@ -12,7 +12,7 @@ import type net from 'node:net';
 import { serialize } from 'pg-protocol';
 
 import { ReplyKind, replyKindOf } from '../backend/owed-replies.ts';
-import type { ServerConnection, ServerReplySink } from '../backend/server-connection.ts';
+import { type ServerConnection, type ServerReplySink, UNREPLAYABLE_PARAMETERS } from '../backend/server-connection.ts';
 import * as clientErrors from '../errors/client-errors.ts';
 import { ClaimNotRepresentable, identityFromClaims, type Identity } from '../identity/claims.ts';
 import { type ClientState, ServerError } from '../identity/inject.ts';
@@ -38,6 +38,8 @@ import type { ProxyContext } from './proxy-context.ts';
 import { OutputBatch } from './output-batch.ts';
 import {
   AbortBatchParse,
+  AbortStatementQuery,
+  mentionsSessionAdvisoryLock,
   type ClientStatement,
   clientStatement,
   CloseComplete,
@@ -46,6 +48,27 @@ import {
   renameInMessage,
 } from './prepared-statements.ts';
 
+/** Settings changed in this session other than by the proxy's identity: what a client's SET left behind. */
+const SESSION_SETTINGS_SQL =
+  "SELECT name, setting FROM pg_catalog.pg_settings WHERE source = 'session' AND name <> 'pg_audit_proxy.identity'";
+
+/** Reads a DataRow of two text columns. */
+function readTextDataRow(frame: Buffer): [string | null, string | null] {
+  const values: (string | null)[] = [];
+  let offset = 7;
+  for (let column = 0; column < 2; column++) {
+    const length = frame.readInt32BE(offset);
+    offset += 4;
+    if (length < 0) {
+      values.push(null);
+      continue;
+    }
+    values.push(frame.toString('utf8', offset, offset + length));
+    offset += length;
+  }
+  return [values[0], values[1]];
+}
+
 /** Describe and Close name a prepared statement with 'S', a portal with 'P'. */
 const STATEMENT = 0x53;
 
@@ -53,8 +76,6 @@ type SessionState = 'startup' | 'password' | 'authenticating' | 'ready' | 'close
 
 /** Startup parameters that are about the connection, not session settings to apply. */
 const CONNECTION_PARAMETERS = new Set(['user', 'database', 'options', 'jwt', 'replication']);
-/** Reported parameters that change only with SET ROLE or SESSION AUTHORIZATION, never replayed. */
-const UNREPLAYABLE_PARAMETERS = new Set(['is_superuser', 'session_authorization', 'server_version', 'server_encoding', 'integer_datetimes', 'in_hot_standby']);
 /**
  * Client message types that may stream through when larger than the framer's buffer limit.
  * Parse and Bind are read for statement names, so they arrive whole (up to
@@ -97,6 +118,8 @@ export class ClientSession implements FrameHandler, ServerReplySink {
   private clientState!: ClientState;
 
   lease: ServerConnection | null = null;
+  /** Why the client keeps its server connection until it disconnects, or null under transaction pooling. */
+  pinnedBy: string | null = null;
   private checkout: Checkout | null = null;
   private readonly pending: PendingMessage[] = [];
   private pendingBytes = 0;
@@ -424,6 +447,13 @@ export class ClientSession implements FrameHandler, ServerReplySink {
 
   /** Sends a message unchanged and registers the reply it is owed. */
   private send(connection: ServerConnection, type: number, bytes: Buffer): void {
+    if ((type === Frontend.Query || type === Frontend.Parse) && mentionsSessionAdvisoryLock(bytes)) {
+      if (this.context.config.pool.session_state === 'reject') {
+        this.rejectStatement(connection, type, 'session advisory lock');
+        return;
+      }
+      this.pin(connection, 'session advisory lock');
+    }
     const kind = replyKindOf(type);
     if (type === Frontend.Sync) {
       connection.unsynced = false;
@@ -502,6 +532,47 @@ export class ClientSession implements FrameHandler, ServerReplySink {
   private touchCached(connection: ServerConnection, serverName: string): void {
     connection.statementCache.delete(serverName);
     connection.statementCache.set(serverName, true);
+  }
+
+  /**
+   * Keeps the client on this server connection until it disconnects, because its session
+   * now holds state that cannot be replayed elsewhere. The connection is closed afterwards.
+   */
+  private pin(connection: ServerConnection, statement: string): void {
+    connection.discardAfterLease = true;
+    if (this.pinnedBy !== null) return;
+    this.pinnedBy = statement;
+    this.context.stats.pinnedClients++;
+    this.log.info({ statement, serverConnId: connection.id }, 'client pinned to its server connection');
+  }
+
+  /** Fails a Query or Parse that would create session state, under pool.session_state = reject. */
+  private rejectStatement(connection: ServerConnection, type: number, statement: string): void {
+    this.context.stats.rejectedStatements++;
+    this.log.warn({ statement }, 'statement rejected: session state under transaction pooling');
+    const error = clientErrors.sessionStateRejected(statement);
+    if (type === Frontend.Parse) {
+      this.failBatch(connection, error);
+      return;
+    }
+    // The server runs a statement that fails instead, so a transaction block is aborted as
+    // it would be by a real error; its error is swallowed and the client gets ours.
+    connection.expect({ kind: ReplyKind.Synthetic, forward: true, synthetic: errorResponse(error) });
+    connection.expect({ kind: ReplyKind.Query, forward: true, swallowError: true });
+    this.toServer.push(AbortStatementQuery);
+  }
+
+  /** The server reported session state in a CommandComplete; see ServerConnection.noteCommandTag. */
+  sessionStateCreated(connection: ServerConnection, statement: string): boolean {
+    if (this.context.config.pool.session_state === 'reject') {
+      this.context.stats.rejectedStatements++;
+      this.log.warn({ statement }, 'statement rejected: session state under transaction pooling');
+      connection.discardAfterLease = true;
+      this.toClient.add(errorResponse(clientErrors.sessionStateRejected(statement)));
+      return true;
+    }
+    this.pin(connection, statement);
+    return false;
   }
 
   /**
@@ -658,13 +729,49 @@ export class ClientSession implements FrameHandler, ServerReplySink {
   }
 
   readyForQuery(connection: ServerConnection): void {
-    if (connection !== this.lease || !connection.reusable || this.streamingType !== 0) return;
+    if (connection !== this.lease || !connection.reusable || this.streamingType !== 0 || this.pinnedBy !== null) return;
+    if (connection.unreportedSetSeen) {
+      connection.unreportedSetSeen = false;
+      this.readSessionSettings(connection);
+      return;
+    }
     this.relayFlush();
     this.lease = null;
     this.log.trace({ serverConnId: connection.id }, 'lease ended');
     connection.socket.resume();
     this.context.releaseLease(connection);
     if (this.pending.length > 0 && this.checkout === null) void this.acquireLease();
+  }
+
+  /**
+   * Reads back the settings the client changed that the server does not report (after SET
+   * or RESET without ParameterStatus), so the next lease replays them. SET ROLE and SET
+   * SESSION AUTHORIZATION survive RESET ALL and cannot be replayed: they pin the client.
+   * The lease is held meanwhile, then released as after any ReadyForQuery.
+   */
+  private readSessionSettings(connection: ServerConnection): void {
+    const changed = new Map<string, string>();
+    connection.request(serialize.query(SESSION_SETTINGS_SQL), {
+      forward: false,
+      onRow: (frame) => {
+        const [name, value] = readTextDataRow(frame);
+        if (name !== null && value !== null) changed.set(name, value);
+      },
+      done: (error) => {
+        if (error !== null || this.lease !== connection) return;
+        for (const name of [...this.settings.keys()]) {
+          if (!connection.startupParameters.has(name) && !changed.has(name)) this.settings.delete(name);
+        }
+        for (const [name, value] of changed) {
+          if (name === 'role' || name === 'session_authorization') {
+            this.pin(connection, name === 'role' ? 'SET ROLE' : 'SET SESSION AUTHORIZATION');
+          } else {
+            this.settings.set(name, value);
+          }
+        }
+        this.readyForQuery(connection);
+      },
+    });
   }
 
   connectionLost(connection: ServerConnection, reason: string): void {

@@ -23,6 +23,19 @@ export const CloseComplete = Buffer.from([Backend.CloseComplete, 0, 0, 0, 4]);
  */
 export const AbortBatchParse = buildMessage(Frontend.Parse, [cString('pg_audit_proxy_abort'), cString('pg_audit_proxy abort batch'), Buffer.from([0, 0])]);
 
+/** A Query that always fails (syntax error), for the same purpose in the simple protocol. */
+export const AbortStatementQuery = buildMessage(Frontend.Query, [cString('pg_audit_proxy abort statement')]);
+
+/**
+ * True when a Query or Parse calls a session-level advisory lock function
+ * (pg_advisory_lock, pg_try_advisory_lock and their _shared forms), whose lock outlives the
+ * transaction. A byte search first, so ordinary statements cost one scan.
+ */
+export function mentionsSessionAdvisoryLock(frame: Buffer): boolean {
+  if (!frame.includes('advisory') && !frame.includes('ADVISORY')) return false;
+  return /pg_(try_)?advisory_lock(_shared)?\s*\(/i.test(frame.toString('utf8', 5));
+}
+
 function cString(value: string): Buffer {
   return Buffer.from(`${value}\0`, 'utf8');
 }

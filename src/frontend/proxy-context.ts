@@ -6,6 +6,13 @@ import type { Pool } from '../pool/pool.ts';
 import type { JwtVerifier } from './auth/jwt-auth.ts';
 import type { ClientSession } from './client-session.ts';
 
+export interface ProxyStats {
+  /** Clients kept on one server connection because of session state. */
+  pinnedClients: number;
+  /** Statements failed because they would create session state (pool.session_state = reject). */
+  rejectedStatements: number;
+}
+
 /** What a client session needs from the proxy that owns it. */
 export interface ProxyContext {
   readonly config: Config;
@@ -13,6 +20,8 @@ export interface ProxyContext {
   readonly verifier: JwtVerifier;
   readonly leaseSetup: LeaseSetup;
   readonly writePool: Pool;
+  /** Counters for operators. */
+  readonly stats: ProxyStats;
   /** Registers a logged-in session for cancel requests; returns its BackendKeyData process id. */
   registerSession(session: ClientSession): number;
   unregisterSession(session: ClientSession): void;

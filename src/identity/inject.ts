@@ -6,16 +6,11 @@
 import { serialize } from 'pg-protocol';
 
 import type { Config } from '../config/schema.ts';
-import type { ServerConnection } from '../backend/server-connection.ts';
+import { type ServerConnection, UNREPLAYABLE_PARAMETERS } from '../backend/server-connection.ts';
 import { identityJson, type Identity } from './claims.ts';
 
 /** The custom setting that carries the identity, as a JSON object, for the `settings` carrier. */
 export const IDENTITY_SETTING = 'pg_audit_proxy.identity';
-
-/** Parameters the server reports but no client can set with set_config. */
-const READ_ONLY_PARAMETERS = new Set([
-  'server_version', 'server_encoding', 'integer_datetimes', 'is_superuser', 'session_authorization', 'in_hot_standby',
-]);
 
 const SET_PARAMETERS = 'pg_audit_proxy_set_parameters';
 /** Sets each name to its value; a NULL value restores the setting's reset value. */
@@ -117,7 +112,7 @@ export class LeaseSetup {
       }
     }
     for (const [name, current] of connection.parameters) {
-      if (client.settings.has(name) || READ_ONLY_PARAMETERS.has(name)) continue;
+      if (client.settings.has(name) || UNREPLAYABLE_PARAMETERS.has(name)) continue;
       const startupValue = connection.startupParameters.get(name);
       if (current === startupValue) continue;
       names.push(name);
