@@ -270,7 +270,7 @@ export class ServerConnection implements FrameHandler {
       case Backend.CommandComplete:
       case Backend.EmptyQueryResponse:
       case Backend.PortalSuspended:
-        if (type === Backend.CommandComplete && this.owed[0]?.forward && this.noteCommandTag(frame)) {
+        if (type === Backend.CommandComplete && this.noteCommandTag(frame)) {
           // The client got an error in place of this reply: mute the rest of its request.
           this.muteUntilReady();
           if (this.owed[0]?.kind === ReplyKind.Execute) this.complete(ReplyKind.Execute, frame);
@@ -407,6 +407,7 @@ export class ServerConnection implements FrameHandler {
   private noteCommandTag(frame: Buffer): boolean {
     const parameterReported = this.parameterReported;
     this.parameterReported = false;
+    if (!this.owed[0]?.forward) return false;
     const first = frame[5];
     if (first !== 0x53 /* S */ && first !== 0x52 /* R */ && first !== 0x44 /* D */ && first !== 0x4c /* L */ && first !== 0x50 /* P */ && first !== 0x43 /* C */) {
       return false;

@@ -48,9 +48,17 @@ import {
   renameInMessage,
 } from './prepared-statements.ts';
 
-/** Settings changed in this session other than by the proxy's identity: what a client's SET left behind. */
-const SESSION_SETTINGS_SQL =
-  "SELECT name, setting FROM pg_catalog.pg_settings WHERE source = 'session' AND name <> 'pg_audit_proxy.identity'";
+/**
+ * Settings changed in this session other than the proxy's identity: what a client's SET left
+ * behind. SET ROLE and SET SESSION AUTHORIZATION do not show in pg_settings, so they are
+ * read from current_user and session_user (pg_stat_activity keeps the role that logged in).
+ */
+const SESSION_SETTINGS_SQL = [
+  "SELECT name, setting FROM pg_catalog.pg_settings WHERE source = 'session' AND name <> 'pg_audit_proxy.identity'",
+  "SELECT 'role', current_user::text WHERE current_user <> session_user",
+  "SELECT 'session_authorization', session_user::text WHERE session_user <> " +
+    '(SELECT usename FROM pg_catalog.pg_stat_activity WHERE pid = pg_catalog.pg_backend_pid())',
+].join(' UNION ALL ');
 
 /** Reads a DataRow of two text columns. */
 function readTextDataRow(frame: Buffer): [string | null, string | null] {
@@ -290,13 +298,19 @@ export class ClientSession implements FrameHandler, ServerReplySink {
   /**
    * Applies the client's startup settings on a server connection once, so invalid values
    * are rejected at login as PostgreSQL would, and the client learns each reported
-   * parameter as the server normalized it.
+   * parameter as the server normalized it. When every server connection is busy, a login
+   * does not wait for one: it reports the pool's known parameters with the client's values,
+   * and an invalid value fails at the client's first request instead.
    */
   private async applyStartupSettings(): Promise<void> {
     const pool = this.context.writePool;
+    let connection: ServerConnection;
+    if (pool.referenceParameters !== null && !pool.canServeNow) {
+      this.finishStartup(pool.referenceParameters);
+      return;
+    }
     const checkout = pool.checkout(this);
     this.checkout = checkout;
-    let connection: ServerConnection;
     try {
       connection = await checkout.connection;
     } catch (error) {
@@ -323,23 +337,21 @@ export class ClientSession implements FrameHandler, ServerReplySink {
     for (const [name, value] of connection.parameters) {
       if (this.settings.has(name) && connection.startupParameters.has(name)) this.settings.set(name, value);
     }
-    const reported: Buffer[] = [];
-    for (const [name, startupValue] of connection.startupParameters) {
-      const value = this.settings.get(name) ?? startupValue;
-      reported.push(parameterStatus(name, value));
-    }
+    const startupParameters = connection.startupParameters;
     pool.release(connection);
     if (this.isClosed) return;
-
-    this.processId = this.context.registerSession(this);
-    this.secretKey.writeInt32BE(randomInt(-(2 ** 31), 2 ** 31));
-    this.finishStartup(reported);
+    this.finishStartup(startupParameters);
   }
 
-  private finishStartup(reported: Buffer[]): void {
+  /** Sends AuthenticationOk, every reported parameter as this client sees it, BackendKeyData and ReadyForQuery. */
+  private finishStartup(serverParameters: ReadonlyMap<string, string>): void {
     if (this.startupTimer) clearTimeout(this.startupTimer);
     this.startupTimer = null;
     this.state = 'ready';
+    this.processId = this.context.registerSession(this);
+    this.secretKey.writeInt32BE(randomInt(-(2 ** 31), 2 ** 31));
+    const reported: Buffer[] = [];
+    for (const [name, serverValue] of serverParameters) reported.push(parameterStatus(name, this.settings.get(name) ?? serverValue));
     this.socket.write(Buffer.concat([AuthenticationOk, ...reported, backendKeyData(this.processId, this.secretKey.readInt32BE()), ReadyForQueryIdle]));
     this.log.info('client authenticated');
     for (const chunk of this.heldDuringAuthentication.splice(0)) this.receive(chunk);
@@ -758,6 +770,7 @@ export class ClientSession implements FrameHandler, ServerReplySink {
         if (name !== null && value !== null) changed.set(name, value);
       },
       done: (error) => {
+        this.log.debug({ changed: Object.fromEntries(changed), error: error && Object.fromEntries(error) }, 'session settings read back');
         if (error !== null || this.lease !== connection) return;
         for (const name of [...this.settings.keys()]) {
           if (!connection.startupParameters.has(name) && !changed.has(name)) this.settings.delete(name);

@@ -59,6 +59,12 @@ export class LeaseSetup {
   apply(connection: ServerConnection, client: ClientState, options: { identity: boolean; wait: boolean }): Promise<void> | null {
     const names: string[] = [];
     const values: (string | null)[] = [];
+    if (options.identity && connection.identityOwner !== client.owner) {
+      // A previous client may have changed the role in a way no command tag shows, such as
+      // set_config('role', ...) inside a SELECT: every new owner starts as the login role.
+      names.push('role');
+      values.push('none');
+    }
     this.collectParameterChanges(connection, client, names, values);
 
     const needsIdentity = options.identity && !(connection.identityOwner === client.owner && connection.identityIntact);
@@ -88,7 +94,7 @@ export class LeaseSetup {
       parametersSet = this.request(connection, Buffer.concat(messages));
       if (!options.wait) parametersSet.catch(() => connection.close('setting session parameters failed'));
       names.forEach((name, index) => {
-        if (name === IDENTITY_SETTING) return;
+        if (name === IDENTITY_SETTING || name === 'role') return;
         const value = values[index];
         if (value !== null) connection.parameters.set(name, value);
         else if (connection.startupParameters.has(name)) connection.parameters.set(name, connection.startupParameters.get(name)!);

@@ -45,6 +45,8 @@ export class Pool {
   readonly active = new Set<ServerConnection>();
   opening = 0;
   readonly waiters: Waiter[] = [];
+  /** Parameters the server reported to the first connection opened: what a fresh session sees. */
+  referenceParameters: ReadonlyMap<string, string> | null = null;
   private readonly sweepTimer: NodeJS.Timeout | null;
   private closed = false;
 
@@ -60,6 +62,11 @@ export class Pool {
 
   get size(): number {
     return this.idle.length + this.active.size + this.opening;
+  }
+
+  /** True when a checkout would not wait for another client to release a connection. */
+  get canServeNow(): boolean {
+    return this.idle.length > 0 || this.size < this.settings.size;
   }
 
   /**
@@ -145,6 +152,7 @@ export class Pool {
       (connection) => {
         this.opening--;
         connection.onClose = (closed) => this.forget(closed);
+        this.referenceParameters ??= new Map(connection.startupParameters);
         this.log.info({ serverConnId: connection.id, pool: this.name, serverPid: connection.processId }, 'server connection opened');
         this.active.add(connection);
         this.release(connection);

@@ -40,7 +40,7 @@ class RecordingHandler implements FrameHandler {
   }
 }
 
-/** A message: type byte, Int32 length (itself included), body. */
+/** Builds a message: type byte, Int32 length (the length word included), body. */
 function frame(type: string, body: Buffer | string = Buffer.alloc(0)): Buffer {
   const bodyBytes = typeof body === 'string' ? Buffer.from(body, 'utf8') : body;
   const header = Buffer.alloc(5);
