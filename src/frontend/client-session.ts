@@ -90,6 +90,11 @@ const CONNECTION_PARAMETERS = new Set(['user', 'database', 'options', 'jwt', 're
  * listen.max_message_bytes).
  */
 const STREAMABLE = new Set<number>([Frontend.CopyData, Frontend.Query]);
+/** Client messages that may follow login; any other type byte is a protocol violation. */
+const FORWARDED_TYPES = new Set<number>([
+  Frontend.Bind, Frontend.Close, Frontend.CopyData, Frontend.CopyDone, Frontend.CopyFail, Frontend.Describe,
+  Frontend.Execute, Frontend.Flush, Frontend.FunctionCall, Frontend.Parse, Frontend.Query, Frontend.Sync,
+]);
 /** A password message carries the token; tokens of several kilobytes are normal. */
 const MAX_PASSWORD_MESSAGE_BYTES = 64 * 1024;
 /** Pending client bytes, while waiting for a server connection, before reading pauses. */
@@ -260,6 +265,7 @@ export class ClientSession implements FrameHandler, ServerReplySink {
     } else {
       this.state = 'password';
       this.passwordDatabase = database;
+      this.framer.maxMessageBytes = MAX_PASSWORD_MESSAGE_BYTES;
       this.socket.write(AuthenticationCleartextPassword);
     }
   }
@@ -391,6 +397,10 @@ export class ClientSession implements FrameHandler, ServerReplySink {
       this.disconnect('client sent Terminate');
       return;
     }
+    if (!FORWARDED_TYPES.has(type)) {
+      this.disconnect(`invalid frontend message type ${type}`, clientErrors.protocolViolation(`invalid frontend message type ${type}`));
+      return;
+    }
     if (this.lease === null || this.pending.length > 0) {
       this.enqueue({ type, bytes: frame });
       return;
@@ -430,6 +440,7 @@ export class ClientSession implements FrameHandler, ServerReplySink {
       this.disconnect('expected a password message', clientErrors.protocolViolation(`expected password response, got message type ${type}`));
       return;
     }
+    this.framer.maxMessageBytes = this.context.config.listen.max_message_bytes;
     const end = frame.indexOf(0, 5);
     const token = frame.toString('utf8', 5, end < 0 ? frame.length : end);
     void this.authenticate(token, this.passwordDatabase);

@@ -30,8 +30,8 @@ export class MessageFramer {
 
   constructor(
     private readonly handler: FrameHandler,
-    /** Largest declared length accepted, header excluded. */
-    private readonly maxMessageBytes: number,
+    /** Largest declared length accepted, header excluded; may change between phases of a session. */
+    public maxMessageBytes: number,
     /** Type bytes that may be streamed instead of buffered. */
     private readonly streamableTypes: ReadonlySet<number>,
     /** Messages up to this many bytes are always delivered whole. */

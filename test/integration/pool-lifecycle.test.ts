@@ -48,7 +48,7 @@ describe('pool exhausted', () => {
 
   /** Logs in A and B, then has A hold the only server connection in an open transaction. */
   async function holdTheOnlyConnection(): Promise<{ holder: pg.Client; waiter: pg.Client }> {
-    // Both log in first, because a login itself needs the server connection for a moment.
+    // Both log in before the holder takes the connection, so only the waiter's query waits.
     const holder = await env.client(await env.token('holder', 'Holder'));
     const waiter = await env.client(await env.token('waiter', 'Waiter'));
     await holder.query('BEGIN');
@@ -230,7 +230,7 @@ describe('clients that leave', () => {
     await waitForRunningStatement(env.database.name, marker);
     connection.destroy();
 
-    // The pool has one server connection, so this client is served only once it is returned.
+    // The pool has one server connection, so this query runs only after the departed client's is returned.
     const next = await env.client(token);
     const result = await withTimeout(next.query('SELECT 1 AS one'), 10_000, 'a query from the next client');
     expect(result.rows).toEqual([{ one: 1 }]);

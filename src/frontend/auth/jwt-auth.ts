@@ -7,6 +7,7 @@ import { readFileSync } from 'node:fs';
 import {
   createLocalJWKSet,
   createRemoteJWKSet,
+  decodeProtectedHeader,
   errors as joseErrors,
   importJWK,
   jwtVerify,
@@ -39,11 +40,19 @@ export class JwtVerifier {
 
   /** Returns the verified payload, or throws TokenRejected with the reason (for the log only). */
   async verify(token: string): Promise<JWTPayload> {
+    let headerAlgorithm: string | undefined;
+    try {
+      headerAlgorithm = decodeProtectedHeader(token).alg;
+    } catch (error) {
+      throw new TokenRejected(`ERR_JWS_INVALID: malformed token: ${(error as Error).message}`);
+    }
     const allowed = this.settings.algorithms;
-    let lastReason = 'no configured key accepts this token';
+    let lastReason = `ERR_JOSE_ALG_NOT_ALLOWED: algorithm ${headerAlgorithm ?? '(none)'} is not accepted by any configured key`;
     for (const source of this.sources) {
       const algorithms = allowed ? source.algorithms.filter((algorithm) => allowed.includes(algorithm as never)) : source.algorithms;
-      if (algorithms.length === 0) continue;
+      // Only keys of the token's algorithm family can verify it; the others would only
+      // hide the real reason behind "algorithm not allowed".
+      if (headerAlgorithm === undefined || !algorithms.includes(headerAlgorithm)) continue;
       try {
         const { payload } = await jwtVerify(token, source.key as never, {
           algorithms,
