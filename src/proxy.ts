@@ -185,7 +185,7 @@ export class Proxy implements ProxyContext {
     if (connection.owed.length === 0) cleanup.readyForQuery(connection);
   }
 
-  /** Stops accepting, tells every client the proxy is shutting down, and closes the pools. */
+  /** Stops accepting, sends every client 57P01, and closes the pools. */
   async close(): Promise<void> {
     const server = this.server;
     this.server = null;

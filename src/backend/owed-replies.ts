@@ -6,7 +6,7 @@
 // next Sync, so the entries up to that Sync are dropped with it.
 import { Frontend } from '../protocol/codes.ts';
 
-/** Which server message completes an entry. */
+/** The server message that completes an entry. */
 export const enum ReplyKind {
   ParseComplete,
   BindComplete,
@@ -42,7 +42,7 @@ export interface OwedReply {
   error?: Map<string, string> | null;
 }
 
-/** The reply kind of each frontend message the server answers; absent types get no reply. */
+/** Returns the reply kind of a frontend message type, or undefined for types the server does not reply to. */
 export function replyKindOf(type: number): ReplyKind | undefined {
   switch (type) {
     case Frontend.Parse:

@@ -52,7 +52,7 @@ export class ServerConnection implements FrameHandler {
   /** Parameters as they are now: reported ones, plus those the proxy set for a client. */
   readonly parameters = new Map<string, string>();
   readonly owed: OwedReply[] = [];
-  /** Client messages since the last Sync: the server holds an unfinished extended-protocol batch. */
+  /** Client messages since the last Sync: the server has an unfinished extended-protocol batch. */
   unsynced = false;
   /** The server is in COPY FROM STDIN and ignores Sync until CopyDone or CopyFail. */
   copyIn = false;
@@ -317,8 +317,8 @@ export class ServerConnection implements FrameHandler {
   private complete(kind: ReplyKind, frame: Buffer): void {
     const head = this.owed.shift();
     if (head === undefined || head.kind !== kind) {
-      // The server answered something we did not send: the bookkeeping can no longer be
-      // trusted, so neither can the connection.
+      // The server sent a reply to something we did not send: the bookkeeping can no
+      // longer be trusted, so neither can the connection.
       this.close(`unexpected reply "${String.fromCharCode(frame[0])}" from server`);
       return;
     }
@@ -338,7 +338,7 @@ export class ServerConnection implements FrameHandler {
   /**
    * An ErrorResponse ends the front entry. In the extended protocol the server then skips
    * every message until Sync, so their entries go too. The error reaches the client when
-   * its messages were among those affected, unless the proxy already told it (swallowError).
+   * its messages were among those affected, unless the proxy already sent it one (swallowError).
    */
   private handleError(frame: Buffer): void {
     const head = this.owed[0];
@@ -398,11 +398,11 @@ export class ServerConnection implements FrameHandler {
   }
 
   /**
-   * Watches the tags of client statements for session state: SET and RESET (settings,
-   * including the identity), DISCARD, DEALLOCATE (the proxy's statements), and state that
-   * parameter replay cannot carry: LISTEN, SQL PREPARE, cursors, tables (temporary ones
-   * included), and SET or RESET of a parameter the server does not report. Reads only the
-   * tag's first bytes for the common tags. Returns true when the sink replaced this reply.
+   * Watches the tags of client statements for session state. SET and RESET change settings
+   * (the identity among them), DISCARD and DEALLOCATE drop the proxy's statements, and
+   * LISTEN, SQL PREPARE, cursors and tables (temporary ones included) create state that
+   * parameter replay cannot carry. Only the first bytes of common tags are read. Returns
+   * true when the sink replaced this reply.
    */
   private noteCommandTag(frame: Buffer): boolean {
     const parameterReported = this.parameterReported;

@@ -1,11 +1,11 @@
 // One client connection, where the proxy plays the PostgreSQL server. It runs startup and
 // JWT authentication, then relays the client's requests to a leased server connection and
-// the server's replies back, one transaction per lease.
+// the server's replies back, one transaction per lease (or one session for a pinned client).
 //
 // Lease rule (transaction pooling): a server connection belongs to the client from the
 // first message of a request until every Sync and Query it forwarded has had its
 // ReadyForQuery, no extended-protocol batch is left without its Sync, and the last
-// ReadyForQuery says idle. `ServerConnection.reusable` states exactly that.
+// ReadyForQuery reports the idle status. `ServerConnection.reusable` encodes exactly that.
 import { randomInt, timingSafeEqual } from 'node:crypto';
 import type net from 'node:net';
 
@@ -131,7 +131,7 @@ export class ClientSession implements FrameHandler, ServerReplySink {
   private clientState!: ClientState;
 
   lease: ServerConnection | null = null;
-  /** Why the client keeps its server connection until it disconnects, or null under transaction pooling. */
+  /** The statement that pinned the client to its server connection, or null under transaction pooling. */
   pinnedBy: string | null = null;
   private checkout: Checkout | null = null;
   private readonly pending: PendingMessage[] = [];
@@ -212,8 +212,8 @@ export class ClientSession implements FrameHandler, ServerReplySink {
       case 'ssl':
       case 'gssenc':
         if (this.startupBytes.length > 0) {
-          // Bytes sent before our answer could not have been protected by the encryption
-          // the client asked for; PostgreSQL rejects them too.
+          // Bytes sent before our reply could not have been protected by the encryption
+          // the client requested, so PostgreSQL rejects them too.
           this.disconnect('data received after an encryption request', clientErrors.protocolViolation('received unencrypted data after SSL request'));
           return;
         }
@@ -559,7 +559,7 @@ export class ClientSession implements FrameHandler, ServerReplySink {
 
   /**
    * Keeps the client on this server connection until it disconnects, because its session
-   * now holds state that cannot be replayed elsewhere. The connection is closed afterwards.
+   * now contains state that cannot be replayed elsewhere. The connection is closed afterwards.
    */
   private pin(connection: ServerConnection, statement: string): void {
     connection.discardAfterLease = true;
@@ -579,13 +579,13 @@ export class ClientSession implements FrameHandler, ServerReplySink {
       return;
     }
     // The server runs a statement that fails instead, so a transaction block is aborted as
-    // it would be by a real error; its error is swallowed and the client gets ours.
+    // it would be by a real error. Its error is swallowed and the client gets ours.
     connection.expect({ kind: ReplyKind.Synthetic, forward: true, synthetic: errorResponse(error) });
     connection.expect({ kind: ReplyKind.Query, forward: true, swallowError: true });
     this.toServer.push(AbortStatementQuery);
   }
 
-  /** The server reported session state in a CommandComplete; see ServerConnection.noteCommandTag. */
+  /** Pins the client or rejects the statement after a CommandComplete showed session state (see ServerConnection.noteCommandTag). */
   sessionStateCreated(connection: ServerConnection, statement: string): boolean {
     if (this.context.config.pool.session_state === 'reject') {
       this.context.stats.rejectedStatements++;
@@ -697,7 +697,7 @@ export class ClientSession implements FrameHandler, ServerReplySink {
   }
 
   /**
-   * Answers the pending requests with `error` as a server would: one ErrorResponse per
+   * Replies to the pending requests with `error` as a server would: one ErrorResponse per
    * Query and per Sync-delimited batch, one ReadyForQuery per Query and Sync, and
    * messages after the error are skipped until the client's next Sync.
    */

@@ -1,7 +1,7 @@
 // Named prepared statements under transaction pooling. A client's statement names are its
-// own; on the server each statement lives under a name derived from its text and parameter
-// types, so clients that prepare the same text share one server-side statement, and any
-// server connection can be given it again when a client's next transaction lands there.
+// own. On the server each statement is named after a digest of its text and parameter types,
+// so clients that prepare the same text share one server-side statement. Any server
+// connection can be given the statement again when a client's next transaction lands there.
 import { createHash } from 'node:crypto';
 
 import { Backend, Frontend } from '../protocol/codes.ts';
@@ -60,7 +60,7 @@ export function readCString(frame: Buffer, offset: number): [string, number] {
   return [frame.toString('utf8', offset, end), end + 1];
 }
 
-/** The server name of a statement: a digest of its query text and parameter types. */
+/** Derives the server name of a statement from a digest of its query text and parameter types. */
 export function serverStatementName(queryAndTypes: Buffer): string {
   return `pg_audit_proxy_${createHash('sha1').update(queryAndTypes).digest('hex')}`;
 }

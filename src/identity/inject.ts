@@ -25,7 +25,7 @@ const REFRESH_USERINFO = 'pg_audit_proxy_refresh_userinfo';
 
 export const Sync = serialize.sync();
 
-/** What a client wants the server connection to hold while it is leased. */
+/** The session a client expects on its leased server connection. */
 export interface ClientState {
   /** The client session object; compared by identity to skip refreshes. */
   owner: object;
@@ -181,7 +181,7 @@ export class ServerError extends Error {
   }
 }
 
-/** A PostgreSQL text array literal; NULL elements stay NULL. */
+/** Formats a PostgreSQL text array literal; NULL elements stay NULL. */
 export function textArray(values: (string | null)[]): string {
   const elements = values.map((value) => (value === null ? 'NULL' : `"${value.replace(/[\\"]/g, '\\$&')}"`));
   return `{${elements.join(',')}}`;

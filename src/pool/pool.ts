@@ -45,7 +45,7 @@ export class Pool {
   readonly active = new Set<ServerConnection>();
   opening = 0;
   readonly waiters: Waiter[] = [];
-  /** Parameters the server reported to the first connection opened: what a fresh session sees. */
+  /** Parameters the server reported to the first connection opened, as a fresh session has them. */
   referenceParameters: ReadonlyMap<string, string> | null = null;
   private readonly sweepTimer: NodeJS.Timeout | null;
   private closed = false;
