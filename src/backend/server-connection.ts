@@ -34,6 +34,8 @@ export interface ServerReplySink {
    * client something else in place of this CommandComplete.
    */
   sessionStateCreated?(connection: ServerConnection, statement: string): boolean;
+  /** The client ran DISCARD ALL: its session is back to how it started. */
+  sessionDiscarded?(connection: ServerConnection): void;
 }
 
 /** Types of server messages that may stream through instead of being buffered whole. */
@@ -399,7 +401,8 @@ export class ServerConnection implements FrameHandler {
 
   /**
    * Watches the tags of client statements for session state. SET and RESET change settings
-   * (the identity among them), DISCARD and DEALLOCATE drop the proxy's statements, and
+   * (the identity among them), DISCARD and DEALLOCATE drop the proxy's statements (DISCARD
+   * ALL resets the client's whole session), and
    * LISTEN, SQL PREPARE, cursors and tables (temporary ones included) create state that
    * parameter replay cannot carry. Only the first bytes of common tags are read. Returns
    * true when the sink replaced this reply.
@@ -425,7 +428,7 @@ export class ServerConnection implements FrameHandler {
       this.identityIntact = false;
       this.proxyStatements.clear();
       this.statementCache.clear();
-      if (tag.startsWith('DISCARD')) statement = tag;
+      if (tag === 'DISCARD ALL') this.sink?.sessionDiscarded?.(this);
     } else if (tag === 'LISTEN' || tag === 'PREPARE' || tag === 'DECLARE CURSOR' || tag === 'CREATE TABLE') {
       statement = tag;
     }

@@ -126,6 +126,8 @@ export class ClientSession implements FrameHandler, ServerReplySink {
   private user = '';
   private identity: Identity = new Map();
   private readonly settings = new Map<string, string>();
+  /** The settings as the client's startup packet gave them: what RESET ALL and DISCARD ALL return to. */
+  private startupSettings: ReadonlyMap<string, string> = new Map();
   /** The client's named prepared statements, by the client's names. */
   private readonly statements = new Map<string, ClientStatement>();
   private clientState!: ClientState;
@@ -354,6 +356,7 @@ export class ClientSession implements FrameHandler, ServerReplySink {
     if (this.startupTimer) clearTimeout(this.startupTimer);
     this.startupTimer = null;
     this.state = 'ready';
+    this.startupSettings = new Map(this.settings);
     this.processId = this.context.registerSession(this);
     this.secretKey.writeInt32BE(randomInt(-(2 ** 31), 2 ** 31));
     const reported: Buffer[] = [];
@@ -583,6 +586,13 @@ export class ClientSession implements FrameHandler, ServerReplySink {
     connection.expect({ kind: ReplyKind.Synthetic, forward: true, synthetic: errorResponse(error) });
     connection.expect({ kind: ReplyKind.Query, forward: true, swallowError: true });
     this.toServer.push(AbortStatementQuery);
+  }
+
+  sessionDiscarded(): void {
+    this.settings.clear();
+    for (const [name, value] of this.startupSettings) this.settings.set(name, value);
+    this.statements.clear();
+    this.log.debug('client session discarded');
   }
 
   /** Pins the client or rejects the statement after a CommandComplete showed session state (see ServerConnection.noteCommandTag). */

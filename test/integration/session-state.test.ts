@@ -84,6 +84,21 @@ describe('session state on a pool of one', () => {
     await b.end();
   });
 
+  it('resets a client session on DISCARD ALL without pinning it', async () => {
+    const a = await env.client(await env.token('a-user'), { options: '-c statement_timeout=5s' });
+    await a.query("SET TimeZone = 'Asia/Tokyo'");
+    await a.query({ name: 'before-discard', text: 'SELECT 1 AS one' });
+    await a.query('DISCARD ALL');
+    const b = await env.client(await env.token('b-user'));
+    expect((await withTimeout(b.query('SELECT 1 AS one'), 5000, 'client B query')).rows).toEqual([{ one: 1 }]);
+    const settings = await a.query("SELECT current_setting('TimeZone') AS tz, current_setting('statement_timeout') AS timeout");
+    expect(settings.rows[0].tz).not.toBe('Asia/Tokyo');
+    expect(settings.rows[0].timeout).toBe('5s');
+    expect(env.proxy.logsWith('client pinned to its server connection')).toHaveLength(0);
+    await a.end();
+    await b.end();
+  });
+
   it('reports each client its own parameter values', async () => {
     const a = await env.client(await env.token('a-user'), { options: '-c DateStyle=SQL,DMY' });
     const b = await env.client(await env.token('b-user'));
