@@ -136,6 +136,7 @@ export class Proxy implements ProxyContext {
           return;
         }
         connection.sessionStateDirty = false;
+        connection.appliedSettings = null;
         connection.identityOwner = null;
         connection.identityIntact = false;
         connection.parameters.clear();

@@ -50,7 +50,9 @@ export async function installSql(options: InstallSqlOptions): Promise<void> {
   try {
     await client.connect();
   } catch (error) {
-    throw new Error(`sql install failed: could not connect to the database: ${errorMessage(error)}`, {
+    const missingPassword = /client password must be a (non-empty )?string/.test(errorMessage(error));
+    const hint = missingPassword ? ' (the server requires a password: put it in the URL or set PGPASSWORD)' : '';
+    throw new Error(`sql install failed: could not connect to the database: ${errorMessage(error)}${hint}`, {
       cause: error,
     });
   }

@@ -62,6 +62,9 @@ export class ServerConnection implements FrameHandler {
   readonly proxyStatements = new Set<string>();
   /** Clients' named statements prepared here under their shared server names, least recently used first. */
   readonly statementCache = new Map<string, true>();
+  /** The client whose settings were last applied here, and their version then; cleared when parameters change. */
+  appliedSettings: object | null = null;
+  appliedSettingsVersion = 0;
   /** The client session whose identity the connection holds, and whether it may have been changed since. */
   identityOwner: object | null = null;
   identityIntact = false;
@@ -396,6 +399,7 @@ export class ServerConnection implements FrameHandler {
     const valueEnd = frame.indexOf(0, nameEnd + 1);
     const name = frame.toString('utf8', 5, nameEnd);
     this.parameters.set(name, frame.toString('utf8', nameEnd + 1, valueEnd));
+    this.appliedSettings = null;
     if (!UNREPLAYABLE_PARAMETERS.has(name)) this.parameterReported = true;
   }
 
@@ -418,12 +422,14 @@ export class ServerConnection implements FrameHandler {
     const tag = frame.toString('latin1', 5, Math.min(frame.length - 1, 24));
     let statement: string | null = null;
     if (tag === 'SET' || tag === 'RESET') {
+      this.appliedSettings = null;
       this.sessionStateDirty = true;
       this.identityIntact = false;
       // SET LOCAL, SET TRANSACTION and SET of unreported parameters look alike here; the
       // session's settings are read back at the end of the lease instead.
       if (!parameterReported) this.unreportedSetSeen = true;
     } else if (tag.startsWith('DISCARD') || tag.startsWith('DEALLOCATE')) {
+      this.appliedSettings = null;
       this.sessionStateDirty = true;
       this.identityIntact = false;
       this.proxyStatements.clear();

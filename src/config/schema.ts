@@ -28,7 +28,8 @@ const upstreamServer = z.strictObject({
 });
 
 const jwtKey = z.union([
-  z.strictObject({ secret: z.string().min(1), kid: z.string().optional() }),
+  // HS256 needs a key at least as long as its 256-bit hash (RFC 7518, section 3.2).
+  z.strictObject({ secret: z.string().min(32, 'must be at least 32 characters (256 bits for HS256)'), kid: z.string().optional() }),
   z.strictObject({ public_key_file: z.string().min(1), algorithm: z.string().optional(), kid: z.string().optional() }),
   z.strictObject({ jwk_file: z.string().min(1) }),
   z.strictObject({ jwks_file: z.string().min(1) }),

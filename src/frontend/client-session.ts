@@ -298,7 +298,7 @@ export class ClientSession implements FrameHandler, ServerReplySink {
       }
       return;
     }
-    this.clientState = { owner: this, identity: this.identity, settings: this.settings };
+    this.clientState = { owner: this, identity: this.identity, settings: this.settings, settingsVersion: 0 };
     this.log = this.log.child({ identity: Object.fromEntries(this.identity) });
     await this.applyStartupSettings();
   }
@@ -336,6 +336,8 @@ export class ClientSession implements FrameHandler, ServerReplySink {
     try {
       await this.context.leaseSetup.apply(connection, this.clientState, { identity: false, wait: true });
     } catch (error) {
+      // The connection's record of its parameters now includes values the server rejected.
+      connection.close('a client startup setting was rejected');
       pool.release(connection);
       const fields = error instanceof ServerError ? error.fields : new Map<string, string>();
       const message = (error as Error).message;
@@ -345,6 +347,7 @@ export class ClientSession implements FrameHandler, ServerReplySink {
     for (const [name, value] of connection.parameters) {
       if (this.settings.has(name) && connection.startupParameters.has(name)) this.settings.set(name, value);
     }
+    this.clientState.settingsVersion++;
     const startupParameters = connection.startupParameters;
     pool.release(connection);
     if (this.isClosed) return;
@@ -591,6 +594,7 @@ export class ClientSession implements FrameHandler, ServerReplySink {
   sessionDiscarded(): void {
     this.settings.clear();
     for (const [name, value] of this.startupSettings) this.settings.set(name, value);
+    this.clientState.settingsVersion++;
     this.statements.clear();
     this.log.debug('client session discarded');
   }
@@ -803,6 +807,7 @@ export class ClientSession implements FrameHandler, ServerReplySink {
             this.settings.set(name, value);
           }
         }
+        this.clientState.settingsVersion++;
         this.readyForQuery(connection);
       },
     });
@@ -822,6 +827,7 @@ export class ClientSession implements FrameHandler, ServerReplySink {
     const name = frame.toString('utf8', 5, nameEnd);
     if (UNREPLAYABLE_PARAMETERS.has(name)) return;
     this.settings.set(name, frame.toString('utf8', nameEnd + 1, frame.indexOf(0, nameEnd + 1)));
+    this.clientState.settingsVersion++;
   }
 
   // Shutdown.

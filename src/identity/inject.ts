@@ -32,6 +32,8 @@ export interface ClientState {
   identity: Identity;
   /** Session parameters the client set at startup or since, by name. */
   settings: ReadonlyMap<string, string>;
+  /** Incremented whenever `settings` changes, so an unchanged client can skip the comparison. */
+  settingsVersion: number;
 }
 
 export class LeaseSetup {
@@ -57,6 +59,15 @@ export class LeaseSetup {
    * table), or null when they may follow at once.
    */
   apply(connection: ServerConnection, client: ClientState, options: { identity: boolean; wait: boolean }): Promise<void> | null {
+    if (
+      options.identity &&
+      connection.identityIntact &&
+      connection.identityOwner === client.owner &&
+      connection.appliedSettings === client.owner &&
+      connection.appliedSettingsVersion === client.settingsVersion
+    ) {
+      return null;
+    }
     const names: string[] = [];
     const values: (string | null)[] = [];
     if (options.identity && connection.identityOwner !== client.owner) {
@@ -102,6 +113,8 @@ export class LeaseSetup {
       });
     }
 
+    connection.appliedSettings = client.owner;
+    connection.appliedSettingsVersion = client.settingsVersion;
     if (needsIdentity) {
       connection.identityOwner = client.owner;
       connection.identityIntact = true;

@@ -153,13 +153,13 @@ export class Pool {
         this.opening--;
         connection.onClose = (closed) => this.forget(closed);
         this.referenceParameters ??= new Map(connection.startupParameters);
-        this.log.info({ serverConnId: connection.id, pool: this.name, serverPid: connection.processId }, 'server connection opened');
+        this.log.info({ serverConnId: connection.id, serverPid: connection.processId }, 'server connection opened');
         this.active.add(connection);
         this.release(connection);
       },
       (error: Error) => {
         this.opening--;
-        this.log.error({ pool: this.name, err: error.message }, 'server connection failed');
+        this.log.error({ err: error.message }, 'server connection failed');
         // The error belongs to the client that caused the attempt: the oldest waiter.
         const waiter = this.waiters.shift();
         if (waiter !== undefined) {

@@ -99,6 +99,16 @@ describe('session state on a pool of one', () => {
     await b.end();
   });
 
+  it('keeps a rejected startup setting away from later clients', async () => {
+    const first = await env.client(await env.token('a-user'), { options: '-c search_path=elsewhere' });
+    await first.end();
+    await expect(env.client(await env.token('a-user'), { options: '-c no_such_setting=1' })).rejects.toMatchObject({ code: '42704' });
+    const plain = await env.client(await env.token('b-user'));
+    const path = await plain.query('SHOW search_path');
+    expect(path.rows[0].search_path).toBe('"$user", public');
+    await plain.end();
+  });
+
   it('reports each client its own parameter values', async () => {
     const a = await env.client(await env.token('a-user'), { options: '-c DateStyle=SQL,DMY' });
     const b = await env.client(await env.token('b-user'));
