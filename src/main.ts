@@ -59,6 +59,9 @@ async function serve(args: string[]): Promise<number> {
   const config = await loadConfig(file);
   const log = createLogger(config.log.level);
   const proxy = new Proxy(config, log, path.dirname(path.resolve(file)));
+  // A rejected promise nobody handled is a bug of the proxy's; log it rather than drop
+  // every client by exiting.
+  process.on('unhandledRejection', (reason) => log.error({ err: reason }, 'unhandled promise rejection'));
   await proxy.listen();
 
   await new Promise<void>((resolve) => {

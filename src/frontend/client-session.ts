@@ -140,6 +140,8 @@ export class ClientSession implements FrameHandler, ServerReplySink {
   private pendingBytes = 0;
   /** After an error of the proxy's own inside an extended batch: drop messages until Sync. */
   private discardUntilSync = false;
+  /** The proxy's lease setup is in flight and the client's messages wait for it. */
+  private settingUp = false;
   /** The type of a client message being streamed through, or 0. */
   private streamingType = 0;
 
@@ -171,12 +173,17 @@ export class ClientSession implements FrameHandler, ServerReplySink {
         this.framer.push(chunk);
       }
     } catch (error) {
-      if (error instanceof FramingError || error instanceof RangeError) {
-        this.disconnect(error.message, clientErrors.protocolViolation(error.message));
-      } else {
-        this.log.error({ err: error }, 'unexpected error while handling client data');
-        this.disconnect('internal error', clientErrors.internalError());
-      }
+      this.handleReceiveError(error);
+    }
+  }
+
+  /** Ends the session after a malformed message (08P01) or a bug of the proxy's (XX000, logged in full). */
+  private handleReceiveError(error: unknown): void {
+    if (error instanceof FramingError || error instanceof RangeError) {
+      this.disconnect(error.message, clientErrors.protocolViolation(`invalid message format: ${error.message}`));
+    } else {
+      this.log.error({ err: error }, 'unexpected error while handling client data');
+      this.disconnect('internal error', clientErrors.internalError());
     }
   }
 
@@ -669,7 +676,11 @@ export class ClientSession implements FrameHandler, ServerReplySink {
     this.log.trace({ serverConnId: connection.id }, 'lease started');
     try {
       const setup = this.context.leaseSetup.apply(connection, this.clientState, { identity: true, wait: false });
-      if (setup !== null) await setup;
+      if (setup !== null) {
+        // The setup's own ReadyForQuery must not end the lease before the client's messages go out.
+        this.settingUp = true;
+        await setup;
+      }
     } catch (error) {
       this.log.error({ err: (error as Error).message, serverConnId: connection.id }, 'could not set the identity on a server connection');
       this.lease = null;
@@ -677,9 +688,15 @@ export class ClientSession implements FrameHandler, ServerReplySink {
       connection.close('identity setup failed');
       this.failPending(clientErrors.upstreamUnavailable(`could not set the identity: ${(error as Error).message}`));
       return;
+    } finally {
+      this.settingUp = false;
     }
     if (this.isClosed || this.lease !== connection) return;
-    this.drainPending(connection);
+    try {
+      this.drainPending(connection);
+    } catch (error) {
+      this.handleReceiveError(error);
+    }
   }
 
   private describeCheckoutError(error: unknown): ErrorFields {
@@ -767,6 +784,7 @@ export class ClientSession implements FrameHandler, ServerReplySink {
 
   readyForQuery(connection: ServerConnection): void {
     if (connection !== this.lease || !connection.reusable || this.streamingType !== 0 || this.pinnedBy !== null) return;
+    if (this.settingUp || this.pending.length > 0) return;
     if (connection.unreportedSetSeen) {
       connection.unreportedSetSeen = false;
       this.readSessionSettings(connection);

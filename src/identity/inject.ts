@@ -49,14 +49,21 @@ export class LeaseSetup {
       `CREATE TEMP TABLE IF NOT EXISTS userinfo (${this.columns.map((column) => `${column} text`).join(', ')}); ` +
       'GRANT SELECT ON pg_temp.userinfo TO PUBLIC; COMMIT';
     const placeholders = this.columns.map((_, index) => `$${index + 1}`).join(', ');
-    this.refreshUserinfoSql = `WITH cleared AS (DELETE FROM pg_temp.userinfo) INSERT INTO pg_temp.userinfo (${columnList}) VALUES (${placeholders})`;
+    // Returns whether the table carries a trigger or rule, through which a client could
+    // rewrite the row the proxy writes.
+    this.refreshUserinfoSql =
+      `WITH cleared AS (DELETE FROM pg_temp.userinfo), written AS (INSERT INTO pg_temp.userinfo (${columnList}) VALUES (${placeholders})) ` +
+      "SELECT EXISTS (SELECT FROM pg_catalog.pg_trigger WHERE tgrelid = 'pg_temp.userinfo'::pg_catalog.regclass) " +
+      "OR EXISTS (SELECT FROM pg_catalog.pg_rewrite WHERE ev_class = 'pg_temp.userinfo'::pg_catalog.regclass)";
   }
 
   /**
    * Sends what `connection` needs to match `client`: parameter changes and, on the write
    * pool, the identity. Returns a promise when the client's messages must wait for the
-   * replies (the `temp_table` carrier, whose refresh can fail if a client altered the
-   * table), or null when they may follow at once.
+   * replies, or null when they may follow at once. They wait whenever the connection
+   * changes owner: if the proxy's request failed there (a client deallocated its statement
+   * or left a setting that breaks it), the previous owner's identity would still be in
+   * place, so the new owner's work must not run before the request has succeeded.
    */
   apply(connection: ServerConnection, client: ClientState, options: { identity: boolean; wait: boolean }): Promise<void> | null {
     if (
@@ -68,9 +75,11 @@ export class LeaseSetup {
     ) {
       return null;
     }
+    const settingsCarrier = this.identity.carrier === 'settings';
+    const newOwner = options.identity && connection.identityOwner !== client.owner;
     const names: string[] = [];
     const values: (string | null)[] = [];
-    if (options.identity && connection.identityOwner !== client.owner) {
+    if (newOwner) {
       // A previous client may have changed the role in a way no command tag shows, such as
       // set_config('role', ...) inside a SELECT: every new owner starts as the login role.
       names.push('role');
@@ -79,10 +88,13 @@ export class LeaseSetup {
     this.collectParameterChanges(connection, client, names, values);
 
     const needsIdentity = options.identity && !(connection.identityOwner === client.owner && connection.identityIntact);
-    const settingsCarrier = this.identity.carrier === 'settings';
     if (needsIdentity && settingsCarrier) {
       names.push(IDENTITY_SETTING);
       values.push(identityJson(client.identity));
+    } else if (newOwner) {
+      // The audit trigger reads the settings carrier first: clear what a client may have put there.
+      names.push(IDENTITY_SETTING);
+      values.push('');
     }
 
     let parametersSet: Promise<void> | null = null;
@@ -103,7 +115,7 @@ export class LeaseSetup {
         Sync,
       );
       parametersSet = this.request(connection, Buffer.concat(messages));
-      if (!options.wait) parametersSet.catch(() => connection.close('setting session parameters failed'));
+      parametersSet.catch(() => connection.close('setting session parameters failed'));
       names.forEach((name, index) => {
         if (name === IDENTITY_SETTING || name === 'role') return;
         const value = values[index];
@@ -120,7 +132,7 @@ export class LeaseSetup {
       connection.identityIntact = true;
       if (!settingsCarrier) return Promise.all([parametersSet, this.refreshUserinfo(connection, client, true)]).then(() => undefined);
     }
-    return options.wait ? parametersSet : null;
+    return options.wait || newOwner ? parametersSet : null;
   }
 
   private collectParameterChanges(connection: ServerConnection, client: ClientState, names: string[], values: (string | null)[]): void {
@@ -159,12 +171,18 @@ export class LeaseSetup {
       Sync,
     );
     try {
-      await this.request(connection, Buffer.concat(messages));
+      let tampered = false;
+      await this.request(connection, Buffer.concat(messages), (row) => {
+        tampered = row.readInt32BE(7) === 1 && row[11] === 0x74; // one column, 't'
+      });
+      if (tampered) throw new Error('a client put a trigger or rule on the userinfo temp table');
     } catch (error) {
-      // A client dropped or altered its connection's userinfo table: build it anew, once.
+      // A client dropped, altered or instrumented its connection's userinfo table: end any
+      // transaction the failed refresh left open, and build the table anew, once.
       connection.identityIntact = false;
       if (!mayRepair || connection.closed) throw error;
       connection.log.warn({ err: (error as Error).message }, 'userinfo temp table refresh failed; recreating the table');
+      await this.request(connection, serialize.query('ROLLBACK'));
       for (const name of [BEGIN, REFRESH_USERINFO, COMMIT]) connection.proxyStatements.delete(name);
       // Close, unlike DEALLOCATE, succeeds for a statement that no longer exists.
       const closes = [BEGIN, REFRESH_USERINFO, COMMIT].map((name) => serialize.close({ type: 'S', name }));
@@ -176,10 +194,11 @@ export class LeaseSetup {
   }
 
   /** Sends one request of the proxy's own that ends in exactly one ReadyForQuery, and waits for it. */
-  private request(connection: ServerConnection, bytes: Buffer): Promise<void> {
+  private request(connection: ServerConnection, bytes: Buffer, onRow?: (frame: Buffer) => void): Promise<void> {
     return new Promise((resolve, reject) => {
       connection.request(bytes, {
         forward: false,
+        onRow,
         done: (error) => (error === null ? resolve() : reject(new ServerError(error))),
       });
     });
