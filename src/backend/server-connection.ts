@@ -72,8 +72,12 @@ export class ServerConnection implements FrameHandler {
   sessionStateDirty = false;
   /** A client's session state lives here (pinned, or rejected after the fact): close instead of reusing. */
   discardAfterLease = false;
-  /** A client ran SET or RESET with no ParameterStatus: settings the server does not report may have changed. */
-  unreportedSetSeen = false;
+  /**
+   * A client statement may have left session state that no ParameterStatus shows (SET of
+   * an unreported parameter, DO blocks, LISTEN, temporary tables...): the session is
+   * inspected before the connection goes back to the pool.
+   */
+  sessionCheckNeeded = false;
   /** A ParameterStatus of a replayable parameter arrived since the last CommandComplete. */
   private parameterReported = false;
   /** Cancel requests sent for this connection whose socket the server has not closed yet. */
@@ -427,7 +431,7 @@ export class ServerConnection implements FrameHandler {
       this.identityIntact = false;
       // SET LOCAL, SET TRANSACTION and SET of unreported parameters look alike here; the
       // session's settings are read back at the end of the lease instead.
-      if (!parameterReported) this.unreportedSetSeen = true;
+      if (!parameterReported) this.sessionCheckNeeded = true;
     } else if (tag.startsWith('DISCARD') || tag.startsWith('DEALLOCATE')) {
       this.appliedSettings = null;
       this.sessionStateDirty = true;
@@ -435,8 +439,11 @@ export class ServerConnection implements FrameHandler {
       this.proxyStatements.clear();
       this.statementCache.clear();
       if (tag === 'DISCARD ALL') this.sink?.sessionDiscarded?.(this);
-    } else if (tag === 'LISTEN' || tag === 'PREPARE' || tag === 'DECLARE CURSOR' || tag === 'CREATE TABLE') {
+    } else if (tag === 'LISTEN' || tag === 'PREPARE') {
+      this.sessionCheckNeeded = true;
       statement = tag;
+    } else if (tag === 'DO' || tag === 'DECLARE CURSOR' || tag === 'CREATE TABLE') {
+      this.sessionCheckNeeded = true;
     }
     if (statement === null) return false;
     return this.sink?.sessionStateCreated?.(this, statement) ?? false;

@@ -39,6 +39,7 @@ import { OutputBatch } from './output-batch.ts';
 import {
   AbortBatchParse,
   AbortStatementQuery,
+  mayCreateSessionState,
   mentionsSessionAdvisoryLock,
   type ClientStatement,
   clientStatement,
@@ -49,22 +50,29 @@ import {
 } from './prepared-statements.ts';
 
 /**
- * Settings changed in this session other than the proxy's identity: what a client's SET left
- * behind. SET ROLE and SET SESSION AUTHORIZATION do not show in pg_settings, so they are
- * read from current_user and session_user (pg_stat_activity keeps the role that logged in).
+ * What a client's statements left in the session. Rows of ('setting', name, value) are
+ * settings changed other than the proxy's identity; rows of ('state', description, detail)
+ * cannot be replayed. SET ROLE and SET SESSION AUTHORIZATION do not show in pg_settings,
+ * so they are read from current_user and session_user (pg_stat_activity keeps the role
+ * that logged in).
  */
-const SESSION_SETTINGS_SQL = [
-  "SELECT name, setting FROM pg_catalog.pg_settings WHERE source = 'session' AND name <> 'pg_audit_proxy.identity'",
-  "SELECT 'role', current_user::text WHERE current_user <> session_user",
-  "SELECT 'session_authorization', session_user::text WHERE session_user <> " +
+const SESSION_STATE_SQL = [
+  "SELECT 'setting', name, setting FROM pg_catalog.pg_settings WHERE source = 'session' AND name <> 'pg_audit_proxy.identity'",
+  "SELECT 'state', 'SET ROLE', current_user::text WHERE current_user <> session_user",
+  "SELECT 'state', 'SET SESSION AUTHORIZATION', session_user::text WHERE session_user <> " +
     '(SELECT usename FROM pg_catalog.pg_stat_activity WHERE pid = pg_catalog.pg_backend_pid())',
+  "SELECT 'state', 'LISTEN', channel FROM pg_catalog.pg_listening_channels() AS channel",
+  "SELECT 'state', 'session advisory lock', objid::text FROM pg_catalog.pg_locks WHERE locktype = 'advisory' AND pid = pg_catalog.pg_backend_pid()",
+  "SELECT 'state', 'temporary table', relname::text FROM pg_catalog.pg_class WHERE relnamespace = pg_catalog.pg_my_temp_schema() AND relname <> 'userinfo'",
+  "SELECT 'state', 'WITH HOLD cursor', name FROM pg_catalog.pg_cursors WHERE is_holdable",
+  "SELECT 'state', 'PREPARE', name FROM pg_catalog.pg_prepared_statements WHERE from_sql",
 ].join(' UNION ALL ');
 
-/** Reads a DataRow of two text columns. */
-function readTextDataRow(frame: Buffer): [string | null, string | null] {
+/** Reads a DataRow of `count` text columns. */
+function readTextDataRow(frame: Buffer, count: number): (string | null)[] {
   const values: (string | null)[] = [];
   let offset = 7;
-  for (let column = 0; column < 2; column++) {
+  for (let column = 0; column < count; column++) {
     const length = frame.readInt32BE(offset);
     offset += 4;
     if (length < 0) {
@@ -74,7 +82,7 @@ function readTextDataRow(frame: Buffer): [string | null, string | null] {
     values.push(frame.toString('utf8', offset, offset + length));
     offset += length;
   }
-  return [values[0], values[1]];
+  return values;
 }
 
 /** Describe and Close name a prepared statement with 'S', a portal with 'P'. */
@@ -483,12 +491,12 @@ export class ClientSession implements FrameHandler, ServerReplySink {
 
   /** Sends a message unchanged and registers the reply it is owed. */
   private send(connection: ServerConnection, type: number, bytes: Buffer): void {
-    if ((type === Frontend.Query || type === Frontend.Parse) && mentionsSessionAdvisoryLock(bytes)) {
-      if (this.context.config.pool.session_state === 'reject') {
+    if ((type === Frontend.Query || type === Frontend.Parse) && mayCreateSessionState(bytes)) {
+      if (mentionsSessionAdvisoryLock(bytes) && this.context.config.pool.session_state === 'reject') {
         this.rejectStatement(connection, type, 'session advisory lock');
         return;
       }
-      this.pin(connection, 'session advisory lock');
+      connection.sessionCheckNeeded = true;
     }
     const kind = replyKindOf(type);
     if (type === Frontend.Sync) {
@@ -785,9 +793,9 @@ export class ClientSession implements FrameHandler, ServerReplySink {
   readyForQuery(connection: ServerConnection): void {
     if (connection !== this.lease || !connection.reusable || this.streamingType !== 0 || this.pinnedBy !== null) return;
     if (this.settingUp || this.pending.length > 0) return;
-    if (connection.unreportedSetSeen) {
-      connection.unreportedSetSeen = false;
-      this.readSessionSettings(connection);
+    if (connection.sessionCheckNeeded) {
+      connection.sessionCheckNeeded = false;
+      this.inspectSession(connection);
       return;
     }
     this.relayFlush();
@@ -799,36 +807,54 @@ export class ClientSession implements FrameHandler, ServerReplySink {
   }
 
   /**
-   * Reads back the settings the client changed that the server does not report (after SET
-   * or RESET without ParameterStatus), so the next lease replays them. SET ROLE and SET
-   * SESSION AUTHORIZATION survive RESET ALL and cannot be replayed: they pin the client.
-   * The lease is held meanwhile, then released as after any ReadyForQuery.
+   * Reads back what the client's statements left in the session: settings the server does
+   * not report, so the next lease replays them, and state that cannot be replayed (a role,
+   * LISTEN, advisory locks, temporary tables, holdable cursors, SQL prepared statements),
+   * which pins the client, or under pool.session_state = reject closes the connection
+   * after the lease. The lease is held meanwhile, then released as after any ReadyForQuery.
    */
-  private readSessionSettings(connection: ServerConnection): void {
+  private inspectSession(connection: ServerConnection): void {
     const changed = new Map<string, string>();
-    connection.request(serialize.query(SESSION_SETTINGS_SQL), {
+    const unreplayable: string[] = [];
+    connection.request(serialize.query(SESSION_STATE_SQL), {
       forward: false,
       onRow: (frame) => {
-        const [name, value] = readTextDataRow(frame);
-        if (name !== null && value !== null) changed.set(name, value);
+        const [kind, name, value] = readTextDataRow(frame, 3);
+        if (kind === 'setting' && name !== null && value !== null) changed.set(name, value);
+        else if (kind === 'state' && name !== null) unreplayable.push(name);
       },
       done: (error) => {
-        this.log.debug({ changed: Object.fromEntries(changed), error: error && Object.fromEntries(error) }, 'session settings read back');
-        if (error !== null || this.lease !== connection) return;
-        for (const name of [...this.settings.keys()]) {
-          if (!connection.startupParameters.has(name) && !changed.has(name)) this.settings.delete(name);
-        }
-        for (const [name, value] of changed) {
-          if (name === 'role' || name === 'session_authorization') {
-            this.pin(connection, name === 'role' ? 'SET ROLE' : 'SET SESSION AUTHORIZATION');
-          } else {
-            this.settings.set(name, value);
+        this.log.debug({ changed: Object.fromEntries(changed), unreplayable, error: error && Object.fromEntries(error) }, 'session inspected');
+        if (this.lease !== connection) return;
+        if (error !== null) {
+          connection.discardAfterLease = true;
+        } else {
+          for (const name of [...this.settings.keys()]) {
+            if (!connection.startupParameters.has(name) && !changed.has(name)) this.settings.delete(name);
           }
+          for (const [name, value] of changed) {
+            this.settings.set(name, value);
+            // Recorded on the connection too, so the next owner gets it reset.
+            connection.parameters.set(name, value);
+          }
+          connection.appliedSettings = null;
+          this.clientState.settingsVersion++;
+          if (unreplayable.length > 0) this.keepSessionState(connection, unreplayable[0]);
         }
-        this.clientState.settingsVersion++;
         this.readyForQuery(connection);
       },
     });
+  }
+
+  /** Pins the client for state found in its session, or under `reject` keeps that state from being handed on. */
+  private keepSessionState(connection: ServerConnection, statement: string): void {
+    if (this.context.config.pool.session_state === 'pin') {
+      this.pin(connection, statement);
+      return;
+    }
+    this.context.stats.rejectedStatements++;
+    this.log.warn({ statement }, 'session state found after the lease; its server connection will be closed');
+    connection.discardAfterLease = true;
   }
 
   connectionLost(connection: ServerConnection, reason: string): void {

@@ -36,6 +36,21 @@ export function mentionsSessionAdvisoryLock(frame: Buffer): boolean {
   return /pg_(try_)?advisory_lock(_shared)?\s*\(/i.test(frame.toString('utf8', 5));
 }
 
+/** Words whose presence in a statement's text calls for a session check at the end of the lease. */
+const SESSION_STATE_WORDS = ['set_config', 'advisory', 'temp', 'listen', 'prepare', 'declare'].flatMap((word) => [word, word.toUpperCase()]);
+
+/**
+ * True when a Query or Parse may create session state that its command tag does not show,
+ * for instance set_config in a SELECT or CREATE TEMP TABLE AS. This only decides whether the
+ * session is inspected afterwards; the inspection itself reads the server's catalogs.
+ */
+export function mayCreateSessionState(frame: Buffer): boolean {
+  for (const word of SESSION_STATE_WORDS) {
+    if (frame.includes(word, 5)) return true;
+  }
+  return false;
+}
+
 function cString(value: string): Buffer {
   return Buffer.from(`${value}\0`, 'utf8');
 }

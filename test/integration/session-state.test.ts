@@ -164,14 +164,16 @@ describe('session state on a pool of one', () => {
     await b.end();
   });
 
-  it('gives the next client the login role after set_config of role', async () => {
+  it('pins a client after set_config of role and gives the next client the login role', async () => {
     const a = await env.client(await env.token('a-user'));
     await a.query("SELECT set_config('role', 'notes_reader', false)");
     expect((await a.query('SELECT current_user AS role')).rows[0].role).toBe('notes_reader');
+    const logged = env.proxy.logsWith('client pinned to its server connection').filter((line) => line.statement === 'SET ROLE');
+    expect(logged.length).toBeGreaterThan(0);
+    await a.end();
     const b = await env.client(await env.token('b-user'));
     const role = await withTimeout(b.query('SELECT current_user AS role'), 5000, 'client B query');
     expect(role.rows[0].role).toBe('app_scram');
-    await a.end();
     await b.end();
   });
 });
