@@ -14,7 +14,7 @@ import { serialize } from 'pg-protocol';
 import { ReplyKind, replyKindOf } from '../backend/owed-replies.ts';
 import { type ServerConnection, type ServerReplySink, UNREPLAYABLE_PARAMETERS } from '../backend/server-connection.ts';
 import * as clientErrors from '../errors/client-errors.ts';
-import { ClaimNotRepresentable, identityFromClaims, type Identity } from '../identity/claims.ts';
+import { ClaimNotRepresentable, identityFromClaims, identityJson, type Identity } from '../identity/claims.ts';
 import { type ClientState, ServerError } from '../identity/inject.ts';
 import type { Logger } from '../observability/logger.ts';
 import type { Checkout } from '../pool/pool.ts';
@@ -58,6 +58,7 @@ import {
  */
 const SESSION_STATE_SQL = [
   "SELECT 'setting', name, setting FROM pg_catalog.pg_settings WHERE source = 'session' AND name <> 'pg_audit_proxy.identity'",
+  "SELECT 'identity', 'pg_audit_proxy.identity', pg_catalog.current_setting('pg_audit_proxy.identity', true)",
   "SELECT 'state', 'SET ROLE', current_user::text WHERE current_user <> session_user",
   "SELECT 'state', 'SET SESSION AUTHORIZATION', session_user::text WHERE session_user <> " +
     '(SELECT usename FROM pg_catalog.pg_stat_activity WHERE pid = pg_catalog.pg_backend_pid())',
@@ -148,7 +149,7 @@ export class ClientSession implements FrameHandler, ServerReplySink {
   private pendingBytes = 0;
   /** After an error of the proxy's own inside an extended batch: drop messages until Sync. */
   private discardUntilSync = false;
-  /** The proxy's lease setup is in flight and the client's messages wait for it. */
+  /** A request of the proxy's own (lease setup, session inspection) is in flight and the client's messages wait for it. */
   private settingUp = false;
   /** The type of a client message being streamed through, or 0. */
   private streamingType = 0;
@@ -422,7 +423,7 @@ export class ClientSession implements FrameHandler, ServerReplySink {
       this.disconnect(`invalid frontend message type ${type}`, clientErrors.protocolViolation(`invalid frontend message type ${type}`));
       return;
     }
-    if (this.lease === null || this.pending.length > 0) {
+    if (this.lease === null || this.pending.length > 0 || this.settingUp) {
       this.enqueue({ type, bytes: frame });
       return;
     }
@@ -435,7 +436,7 @@ export class ClientSession implements FrameHandler, ServerReplySink {
       return;
     }
     this.streamingType = type;
-    if (this.lease === null || this.pending.length > 0) {
+    if (this.lease === null || this.pending.length > 0 || this.settingUp) {
       this.enqueue({ type, bytes: piece, piece: { start: true, last: false } });
       return;
     }
@@ -444,7 +445,7 @@ export class ClientSession implements FrameHandler, ServerReplySink {
 
   streamPiece(piece: Buffer, last: boolean): void {
     if (last) this.streamingType = 0;
-    if (this.lease === null || this.pending.length > 0) {
+    if (this.lease === null || this.pending.length > 0 || this.settingUp) {
       this.enqueue({ type: 0, bytes: piece, piece: { start: false, last } });
       return;
     }
@@ -469,6 +470,11 @@ export class ClientSession implements FrameHandler, ServerReplySink {
 
   /** Forwards one client message, translating named prepared statements to their server names. */
   private forward(connection: ServerConnection, type: number, frame: Buffer): void {
+    if (!connection.identityIntact && !connection.unsynced && !connection.copyIn && connection.identityOwner === this) {
+      // One of the client's own statements cleared its identity: restore it before the
+      // next request, so the rest of the lease stays attributed.
+      this.context.leaseSetup.restoreIdentity(connection, this.clientState);
+    }
     switch (type) {
       case Frontend.Parse:
         this.forwardParse(connection, frame);
@@ -700,11 +706,7 @@ export class ClientSession implements FrameHandler, ServerReplySink {
       this.settingUp = false;
     }
     if (this.isClosed || this.lease !== connection) return;
-    try {
-      this.drainPending(connection);
-    } catch (error) {
-      this.handleReceiveError(error);
-    }
+    this.drainPending(connection);
   }
 
   private describeCheckoutError(error: unknown): ErrorFields {
@@ -720,14 +722,20 @@ export class ClientSession implements FrameHandler, ServerReplySink {
 
   /** Forwards the messages that arrived while waiting for the lease, in order. */
   private drainPending(connection: ServerConnection): void {
-    for (const message of this.pending) {
-      if (this.discardUntilSync) {
-        if (message.type !== Frontend.Sync) continue;
-        this.discardUntilSync = false;
+    try {
+      for (const message of this.pending) {
+        if (this.discardUntilSync) {
+          if (message.type !== Frontend.Sync) continue;
+          this.discardUntilSync = false;
+        }
+        if (message.piece === undefined) this.forward(connection, message.type, message.bytes);
+        else if (message.piece.start) this.send(connection, message.type, message.bytes);
+        else this.toServer.push(message.bytes);
       }
-      if (message.piece === undefined) this.forward(connection, message.type, message.bytes);
-      else if (message.piece.start) this.send(connection, message.type, message.bytes);
-      else this.toServer.push(message.bytes);
+    } catch (error) {
+      this.pending.length = 0;
+      this.handleReceiveError(error);
+      return;
     }
     this.pending.length = 0;
     this.pendingBytes = 0;
@@ -816,15 +824,19 @@ export class ClientSession implements FrameHandler, ServerReplySink {
   private inspectSession(connection: ServerConnection): void {
     const changed = new Map<string, string>();
     const unreplayable: string[] = [];
+    // The client's next messages wait, so they run with whatever the inspection restores.
+    this.settingUp = true;
     connection.request(serialize.query(SESSION_STATE_SQL), {
       forward: false,
       onRow: (frame) => {
         const [kind, name, value] = readTextDataRow(frame, 3);
         if (kind === 'setting' && name !== null && value !== null) changed.set(name, value);
         else if (kind === 'state' && name !== null) unreplayable.push(name);
+        else if (kind === 'identity' && value !== identityJson(this.identity)) connection.identityIntact = false;
       },
       done: (error) => {
         this.log.debug({ changed: Object.fromEntries(changed), unreplayable, error: error && Object.fromEntries(error) }, 'session inspected');
+        this.settingUp = false;
         if (this.lease !== connection) return;
         if (error !== null) {
           connection.discardAfterLease = true;
@@ -841,7 +853,8 @@ export class ClientSession implements FrameHandler, ServerReplySink {
           this.clientState.settingsVersion++;
           if (unreplayable.length > 0) this.keepSessionState(connection, unreplayable[0]);
         }
-        this.readyForQuery(connection);
+        if (this.pending.length > 0) this.drainPending(connection);
+        else this.readyForQuery(connection);
       },
     });
   }

@@ -135,6 +135,29 @@ export class LeaseSetup {
     return options.wait || newOwner ? parametersSet : null;
   }
 
+  /**
+   * Sets the client's identity again in the middle of its lease, after one of its own
+   * statements cleared or changed it (RESET ALL, DISCARD ALL, SET of the identity setting).
+   * Sent before the client's next request, without waiting: only the client's own
+   * attribution is at stake. Settings carrier only; the temp_table carrier is refreshed at
+   * the next lease.
+   */
+  restoreIdentity(connection: ServerConnection, client: ClientState): void {
+    if (this.identity.carrier !== 'settings') return;
+    const messages: Buffer[] = [];
+    if (!connection.proxyStatements.has(SET_PARAMETERS)) {
+      messages.push(serialize.parse({ name: SET_PARAMETERS, text: SET_PARAMETERS_SQL }));
+      connection.proxyStatements.add(SET_PARAMETERS);
+    }
+    messages.push(
+      serialize.bind({ statement: SET_PARAMETERS, values: [textArray([IDENTITY_SETTING]), textArray([identityJson(client.identity)])] }),
+      serialize.execute({}),
+      Sync,
+    );
+    this.request(connection, Buffer.concat(messages)).catch(() => connection.close('restoring the identity failed'));
+    connection.identityIntact = true;
+  }
+
   private collectParameterChanges(connection: ServerConnection, client: ClientState, names: string[], values: (string | null)[]): void {
     for (const [name, value] of client.settings) {
       if (connection.parameters.get(name) !== value) {
