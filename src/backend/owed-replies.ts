@@ -35,6 +35,10 @@ export interface OwedReply {
   muted?: boolean;
   /** For a Parse the proxy sent: the server statement name, forgotten if the Parse fails. */
   statement?: string;
+  /** Called when the server skipped or failed this message, so it had no effect. */
+  onDropped?: () => void;
+  /** A marker placed where the client sent CopyDone or CopyFail; it has no reply. */
+  copyEnd?: boolean;
   /** For the proxy's own queries: receives each DataRow of the entry. */
   onRow?: (frame: Buffer) => void;
   /** For Sync and Query entries: called at their ReadyForQuery with the first error's fields, if any. */

@@ -78,8 +78,6 @@ export class ServerConnection implements FrameHandler {
    * inspected before the connection goes back to the pool.
    */
   sessionCheckNeeded = false;
-  /** A ParameterStatus of a replayable parameter arrived since the last CommandComplete. */
-  private parameterReported = false;
   /** Cancel requests sent for this connection whose socket the server has not closed yet. */
   cancelsInFlight = 0;
   /** Called when the last cancel in flight has settled. */
@@ -302,6 +300,7 @@ export class ServerConnection implements FrameHandler {
       case Backend.CopyInResponse:
       case Backend.CopyBothResponse:
         this.copyIn = true;
+        this.dropSyncsDuringCopy();
         break;
     }
     this.relayByHead(frame);
@@ -336,6 +335,18 @@ export class ServerConnection implements FrameHandler {
     this.releaseSynthetic();
   }
 
+  /**
+   * The server ignores Sync while COPY FROM STDIN runs: forget the Syncs the client sent
+   * after the Execute that started the COPY and before its CopyDone or CopyFail.
+   */
+  private dropSyncsDuringCopy(): void {
+    let index = 1;
+    while (index < this.owed.length && !this.owed[index].copyEnd) {
+      if (this.owed[index].kind === ReplyKind.Sync) this.owed.splice(index, 1);
+      else index++;
+    }
+  }
+
   /** Sends the synthetic replies that every earlier reply has now preceded. */
   private releaseSynthetic(): void {
     while (this.owed.length > 0 && this.owed[0].kind === ReplyKind.Synthetic) {
@@ -367,6 +378,7 @@ export class ServerConnection implements FrameHandler {
       while (skipped < this.owed.length && this.owed[skipped].kind !== ReplyKind.Sync) {
         const entry = this.owed[skipped];
         if (entry.statement !== undefined) this.statementCache.delete(entry.statement);
+        entry.onDropped?.();
         if (entry.forward && !head.swallowError) relay = true;
         skipped++;
       }
@@ -404,7 +416,6 @@ export class ServerConnection implements FrameHandler {
     const name = frame.toString('utf8', 5, nameEnd);
     this.parameters.set(name, frame.toString('utf8', nameEnd + 1, valueEnd));
     this.appliedSettings = null;
-    if (!UNREPLAYABLE_PARAMETERS.has(name)) this.parameterReported = true;
   }
 
   /**
@@ -416,8 +427,6 @@ export class ServerConnection implements FrameHandler {
    * true when the sink replaced this reply.
    */
   private noteCommandTag(frame: Buffer): boolean {
-    const parameterReported = this.parameterReported;
-    this.parameterReported = false;
     if (!this.owed[0]?.forward) return false;
     const first = frame[5];
     if (first !== 0x53 /* S */ && first !== 0x52 /* R */ && first !== 0x44 /* D */ && first !== 0x4c /* L */ && first !== 0x50 /* P */ && first !== 0x43 /* C */) {
@@ -429,9 +438,10 @@ export class ServerConnection implements FrameHandler {
       this.appliedSettings = null;
       this.sessionStateDirty = true;
       this.identityIntact = false;
-      // SET LOCAL, SET TRANSACTION and SET of unreported parameters look alike here; the
-      // session's settings are read back at the end of the lease instead.
-      if (!parameterReported) this.sessionCheckNeeded = true;
+      // SET LOCAL, SET TRANSACTION and SET of unreported parameters look alike here, and
+      // since PostgreSQL 14 a ParameterStatus follows the CommandComplete: the session's
+      // settings are read back at the end of the lease instead.
+      this.sessionCheckNeeded = true;
     } else if (tag.startsWith('DISCARD') || tag.startsWith('DEALLOCATE')) {
       this.appliedSettings = null;
       this.sessionStateDirty = true;

@@ -514,6 +514,7 @@ export class ClientSession implements FrameHandler, ServerReplySink {
       if (kind !== ReplyKind.Query) connection.unsynced = true;
     } else if (type === Frontend.CopyDone || type === Frontend.CopyFail) {
       connection.copyIn = false;
+      connection.expect({ kind: ReplyKind.Synthetic, forward: true, copyEnd: true });
     }
     this.toServer.push(bytes);
   }
@@ -530,13 +531,17 @@ export class ClientSession implements FrameHandler, ServerReplySink {
     }
     const statement = clientStatement(frame, bodyOffset);
     this.statements.set(name, statement);
+    // A Parse the server fails or skips after an earlier error defines nothing.
+    const forget = () => {
+      if (this.statements.get(name) === statement) this.statements.delete(name);
+    };
     connection.unsynced = true;
     if (connection.statementCache.has(statement.serverName)) {
       this.touchCached(connection, statement.serverName);
-      connection.expect({ kind: ReplyKind.Synthetic, forward: true, synthetic: ParseComplete });
+      connection.expect({ kind: ReplyKind.Synthetic, forward: true, synthetic: ParseComplete, onDropped: forget });
       return;
     }
-    this.prepareOnServer(connection, statement, true);
+    this.prepareOnServer(connection, statement, true, forget);
   }
 
   /** Bind or Describe of a named statement: prepare it on this connection if needed, then rename it. */
@@ -559,13 +564,18 @@ export class ClientSession implements FrameHandler, ServerReplySink {
   /** Close of a named statement ends the client's name only; the server statement stays cached for reuse. */
   private closeStatement(connection: ServerConnection, frame: Buffer): void {
     const [name] = readCString(frame, 6);
+    const statement = this.statements.get(name);
     this.statements.delete(name);
     connection.unsynced = true;
-    connection.expect({ kind: ReplyKind.Synthetic, forward: true, synthetic: CloseComplete });
+    // A Close the server would have skipped after an earlier error leaves the statement in place.
+    const restore = () => {
+      if (statement !== undefined && !this.statements.has(name)) this.statements.set(name, statement);
+    };
+    connection.expect({ kind: ReplyKind.Synthetic, forward: true, synthetic: CloseComplete, onDropped: restore });
   }
 
   /** Sends the statement's Parse; its ParseComplete goes to the client only when the client sent that Parse. */
-  private prepareOnServer(connection: ServerConnection, statement: ClientStatement, forward: boolean): void {
+  private prepareOnServer(connection: ServerConnection, statement: ClientStatement, forward: boolean, onDropped?: () => void): void {
     const cache = connection.statementCache;
     if (cache.size >= this.context.config.pool.prepared_statement_cache_size) {
       const oldest = cache.keys().next().value as string;
@@ -574,7 +584,7 @@ export class ClientSession implements FrameHandler, ServerReplySink {
       this.toServer.push(serialize.close({ type: 'S', name: oldest }));
     }
     cache.set(statement.serverName, true);
-    connection.expect({ kind: ReplyKind.ParseComplete, forward, statement: statement.serverName });
+    connection.expect({ kind: ReplyKind.ParseComplete, forward, statement: statement.serverName, onDropped });
     connection.unsynced = true;
     this.toServer.push(statement.parse);
   }
