@@ -2,7 +2,8 @@
 // the non-superuser app_scram, plus clients that connect through the proxy with a token.
 import pg from 'pg';
 
-import { createTestDatabase, CONNECT_TIMEOUT_MS, QUERY_TIMEOUT_MS, TEST_ROLES, testServer, type TestDatabase } from './postgres.ts';
+import { runCommand } from './commands.ts';
+import { connect, createTestDatabase, CONNECT_TIMEOUT_MS, QUERY_TIMEOUT_MS, TEST_ROLES, testServer, withTimeout, type TestDatabase } from './postgres.ts';
 import { proxyConfig, startProxy, type ProxyHandle } from './start-proxy.ts';
 import { newSecret, signToken } from './tokens.ts';
 
@@ -59,4 +60,33 @@ export async function createProxyEnvironment(prefix: string, sections: Record<st
       await database.drop();
     },
   };
+}
+
+/** Ends every server connection of the proxy's pool, so the next transaction lands on a new one. */
+export async function dropServerConnections(env: ProxyEnvironment): Promise<void> {
+  const admin = await connect(env.database.url('superuser'));
+  await admin.query('SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()', [env.database.name]);
+  await admin.end();
+  const pool = env.proxy.proxy.writePool;
+  await withTimeout(
+    (async () => {
+      while (pool.size > 0) await new Promise((resolve) => setTimeout(resolve, 20));
+    })(),
+    5000,
+    'the pool noticing closed server connections',
+  );
+}
+
+/** Creates pgbench's tables (scale 1) in the environment's database, owned by app_scram, with the audit trigger on pgbench_accounts. */
+export async function initPgbench(env: ProxyEnvironment): Promise<void> {
+  const server = testServer();
+  const init = await runCommand(
+    'pgbench',
+    ['-i', '-q', '-s', '1', '-h', server.host, '-p', String(server.port), '-U', 'app_scram', env.database.name],
+    { env: { PGPASSWORD: TEST_ROLES.app_scram.password }, timeoutMs: 120_000 },
+  );
+  if (init.code !== 0) throw new Error(`pgbench -i failed: ${init.stderr}`);
+  const owner = await connect(env.database.url());
+  await owner.query("SELECT audit.enable('pgbench_accounts')");
+  await owner.end();
 }

@@ -7,8 +7,8 @@ import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
 import { hasProgram, runCommand } from '../helpers/commands.ts';
-import { connect, TEST_ROLES, testServer } from '../helpers/postgres.ts';
-import { createProxyEnvironment, type ProxyEnvironment } from '../helpers/proxy-env.ts';
+import { connect } from '../helpers/postgres.ts';
+import { createProxyEnvironment, initPgbench, type ProxyEnvironment } from '../helpers/proxy-env.ts';
 
 const pgbenchMissing = !hasProgram('pgbench');
 if (pgbenchMissing) console.warn('pgbench not found: pgbench tests skipped (install the Debian package postgresql-client)');
@@ -20,16 +20,7 @@ describe.skipIf(pgbenchMissing)('pgbench through the proxy', () => {
 
   beforeAll(async () => {
     env = await createProxyEnvironment('pgbench', { pool: { size: 3 } });
-    const server = testServer();
-    const init = await runCommand(
-      'pgbench',
-      ['-i', '-q', '-s', '1', '-h', server.host, '-p', String(server.port), '-U', 'app_scram', env.database.name],
-      { env: { PGPASSWORD: TEST_ROLES.app_scram.password }, timeoutMs: 120_000 },
-    );
-    expect(init.code, init.stderr).toBe(0);
-    const owner = await connect(env.database.url());
-    await owner.query("SELECT audit.enable('pgbench_accounts')");
-    await owner.end();
+    await initPgbench(env);
   }, 180_000);
 
   afterAll(async () => {

@@ -5,8 +5,8 @@ import postgres from 'postgres';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
 import { hasProgram, runCommand } from '../helpers/commands.ts';
-import { connect, TEST_ROLES, testServer, withTimeout } from '../helpers/postgres.ts';
-import { createProxyEnvironment, type ProxyEnvironment } from '../helpers/proxy-env.ts';
+import { connect } from '../helpers/postgres.ts';
+import { createProxyEnvironment, dropServerConnections as dropConnections, initPgbench, type ProxyEnvironment } from '../helpers/proxy-env.ts';
 import { dataRows, firstError, login, RawConnection, type BackendMessage } from '../helpers/raw-client.ts';
 
 const pgbenchMissing = !hasProgram('pgbench');
@@ -34,20 +34,7 @@ describe('prepared statements through the proxy', () => {
     await env?.close();
   });
 
-  /** Ends every server connection of the proxy's pool, so the next transaction lands on a new one. */
-  async function dropServerConnections(): Promise<void> {
-    const admin = await connect(env.database.url('superuser'));
-    await admin.query('SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()', [env.database.name]);
-    await admin.end();
-    const pool = env.proxy.proxy.writePool;
-    await withTimeout(
-      (async () => {
-        while (pool.size > 0) await new Promise((resolve) => setTimeout(resolve, 20));
-      })(),
-      5000,
-      'the pool noticing closed server connections',
-    );
-  }
+  const dropServerConnections = () => dropConnections(env);
 
   async function rawClient(): Promise<RawConnection> {
     const connection = await RawConnection.open(env.proxy.host, env.proxy.port);
@@ -202,15 +189,7 @@ describe.skipIf(pgbenchMissing)('pgbench with prepared and extended protocols', 
 
   beforeAll(async () => {
     env = await createProxyEnvironment('prepared_pgbench', { pool: { size: 4 } });
-    const server = testServer();
-    const init = await runCommand('pgbench', ['-i', '-q', '-s', '1', '-h', server.host, '-p', String(server.port), '-U', 'app_scram', env.database.name], {
-      env: { PGPASSWORD: TEST_ROLES.app_scram.password },
-      timeoutMs: 120_000,
-    });
-    expect(init.code, init.stderr).toBe(0);
-    const owner = await connect(env.database.url());
-    await owner.query("SELECT audit.enable('pgbench_accounts')");
-    await owner.end();
+    await initPgbench(env);
   }, 180_000);
 
   afterAll(async () => {

@@ -5,25 +5,10 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
 import { hasProgram, runCommand } from '../helpers/commands.ts';
 import { connect, withTimeout } from '../helpers/postgres.ts';
-import { createProxyEnvironment, type ProxyEnvironment } from '../helpers/proxy-env.ts';
+import { createProxyEnvironment, dropServerConnections, type ProxyEnvironment } from '../helpers/proxy-env.ts';
 
 const pgbenchMissing = !hasProgram('pgbench');
 if (pgbenchMissing) console.warn('pgbench not found: pgbench -C test skipped (install the Debian package postgresql-client)');
-
-/** Ends every server connection of the proxy's pool, so the next transaction lands on a new one. */
-async function dropServerConnections(env: ProxyEnvironment): Promise<void> {
-  const admin = await connect(env.database.url('superuser'));
-  await admin.query('SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()', [env.database.name]);
-  await admin.end();
-  const pool = env.proxy.proxy.writePool;
-  await withTimeout(
-    (async () => {
-      while (pool.size > 0) await new Promise((resolve) => setTimeout(resolve, 20));
-    })(),
-    5000,
-    'the pool noticing closed server connections',
-  );
-}
 
 /** Server backends of the test database other than the caller, as pg_stat_activity shows them. */
 async function serverBackends(env: ProxyEnvironment): Promise<{ state: string; xact_start: Date | null }[]> {

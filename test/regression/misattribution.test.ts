@@ -3,8 +3,7 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
 import { createProxyEnvironment, type ProxyEnvironment } from '../helpers/proxy-env.ts';
-import { queryMessage } from '../helpers/raw-client.ts';
-import { asOwner, auditRowsFor, rawClient, readReadies } from './helpers.ts';
+import { asOwner, auditRowsFor } from './helpers.ts';
 
 describe('identity kept through a client\'s own statements', () => {
   let env: ProxyEnvironment;

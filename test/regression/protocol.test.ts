@@ -1,11 +1,10 @@
 // Protocol regressions: replies that differed from PostgreSQL's, and leases that never ended.
-import pg from 'pg';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 
 import { withTimeout } from '../helpers/postgres.ts';
 import { createProxyEnvironment, type ProxyEnvironment } from '../helpers/proxy-env.ts';
 import { firstError } from '../helpers/raw-client.ts';
-import { asOwner, auditRowsFor, bind, copyData, copyDone, execute, parse, rawClient, readReadies, sync, types } from './helpers.ts';
+import { asOwner, bind, copyData, copyDone, execute, parse, rawClient, readReadies, sync, types } from './helpers.ts';
 
 describe('protocol', () => {
   let env: ProxyEnvironment;
