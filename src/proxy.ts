@@ -55,7 +55,10 @@ export class Proxy implements ProxyContext {
     server.listen(this.config.listen.port, this.config.listen.host);
     await once(server, 'listening');
     const address = server.address() as net.AddressInfo;
-    this.log.info({ host: address.address, port: address.port }, 'listening');
+    // Operators and scripts read the bound port from this line (the OS picks it for port 0),
+    // so it is written even when log.level hides other info lines.
+    const startupLog = this.log.level === 'silent' ? this.log : this.log.child({}, { level: 'info' });
+    startupLog.info({ host: address.address, port: address.port }, 'listening');
     return address;
   }
 
@@ -138,6 +141,7 @@ export class Proxy implements ProxyContext {
         connection.sessionStateDirty = false;
         connection.appliedSettings = null;
         connection.identityOwner = null;
+        connection.identity = null;
         connection.identityIntact = false;
         connection.parameters.clear();
         for (const [name, value] of connection.startupParameters) connection.parameters.set(name, value);

@@ -67,6 +67,8 @@ export class ServerConnection implements FrameHandler {
   appliedSettingsVersion = 0;
   /** The client session whose identity the connection holds, and whether it may have been changed since. */
   identityOwner: object | null = null;
+  /** The identity (as its JSON text) last written to this connection's carrier, or null for none. */
+  identity: string | null = null;
   identityIntact = false;
   /** A client ran SET or RESET during its lease: session state must be reset before reuse. */
   sessionStateDirty = false;

@@ -60,38 +60,43 @@ export class LeaseSetup {
   /**
    * Sends what `connection` needs to match `client`: parameter changes and, on the write
    * pool, the identity. Returns a promise when the client's messages must wait for the
-   * replies, or null when they may follow at once. They wait whenever the connection
-   * changes owner: if the proxy's request failed there (a client deallocated its statement
-   * or left a setting that breaks it), the previous owner's identity would still be in
-   * place, so the new owner's work must not run before the request has succeeded.
+   * replies, or null when they may follow at once. They wait whenever the identity on the
+   * connection is another user's: if the proxy's request failed there (a client deallocated
+   * its statement or left a setting that breaks it), that identity would still be in place,
+   * so the client's work must not run before the request has succeeded.
    */
   apply(connection: ServerConnection, client: ClientState, options: { identity: boolean; wait: boolean }): Promise<void> | null {
+    const identity = identityJson(client.identity);
+    // Two sessions of the same end user may share what the connection holds: only a change
+    // of identity matters for attribution.
+    const sameIdentity = connection.identityIntact && connection.identity === identity;
     if (
       options.identity &&
-      connection.identityIntact &&
-      connection.identityOwner === client.owner &&
+      sameIdentity &&
       connection.appliedSettings === client.owner &&
       connection.appliedSettingsVersion === client.settingsVersion
     ) {
+      connection.identityOwner = client.owner;
       return null;
     }
     const settingsCarrier = this.identity.carrier === 'settings';
-    const newOwner = options.identity && connection.identityOwner !== client.owner;
+    const newIdentity = options.identity && !sameIdentity;
+    // The previous identity is another user's: the client's work must not start before it is replaced.
+    const replacesAnother = newIdentity && connection.identity !== null;
     const names: string[] = [];
     const values: (string | null)[] = [];
-    if (newOwner) {
-      // A previous client may have changed the role in a way no command tag shows, such as
-      // set_config('role', ...) inside a SELECT: every new owner starts as the login role.
+    if (newIdentity) {
+      // A previous user may have changed the role in a way no command tag shows, such as
+      // set_config('role', ...) inside a function: every new identity starts as the login role.
       names.push('role');
       values.push('none');
     }
     this.collectParameterChanges(connection, client, names, values);
 
-    const needsIdentity = options.identity && !(connection.identityOwner === client.owner && connection.identityIntact);
-    if (needsIdentity && settingsCarrier) {
+    if (newIdentity && settingsCarrier) {
       names.push(IDENTITY_SETTING);
-      values.push(identityJson(client.identity));
-    } else if (newOwner) {
+      values.push(identity);
+    } else if (newIdentity) {
       // The audit trigger reads the settings carrier first: clear what a client may have put there.
       names.push(IDENTITY_SETTING);
       values.push('');
@@ -127,12 +132,13 @@ export class LeaseSetup {
 
     connection.appliedSettings = client.owner;
     connection.appliedSettingsVersion = client.settingsVersion;
-    if (needsIdentity) {
-      connection.identityOwner = client.owner;
+    if (options.identity) connection.identityOwner = client.owner;
+    if (newIdentity) {
+      connection.identity = identity;
       connection.identityIntact = true;
       if (!settingsCarrier) return Promise.all([parametersSet, this.refreshUserinfo(connection, client, true)]).then(() => undefined);
     }
-    return options.wait || newOwner ? parametersSet : null;
+    return options.wait || replacesAnother ? parametersSet : null;
   }
 
   /**
@@ -155,6 +161,7 @@ export class LeaseSetup {
       Sync,
     );
     this.request(connection, Buffer.concat(messages)).catch(() => connection.close('restoring the identity failed'));
+    connection.identity = identityJson(client.identity);
     connection.identityIntact = true;
   }
 
