@@ -59,8 +59,8 @@ async function serve(args: string[]): Promise<number> {
   const config = await loadConfig(file);
   const log = createLogger(config.log.level);
   const proxy = new Proxy(config, log, path.dirname(path.resolve(file)));
-  // A rejected promise nobody handled is a bug of the proxy's; log it rather than drop
-  // every client by exiting.
+  // An unhandled rejected promise is a bug of the proxy's. It is logged, because exiting
+  // would drop every client.
   process.on('unhandledRejection', (reason) => log.error({ err: reason }, 'unhandled promise rejection'));
   await proxy.listen();
 
@@ -126,7 +126,7 @@ async function token(args: string[]): Promise<number> {
   return 0;
 }
 
-/** A claim value is read as JSON where it parses (numbers, booleans, arrays), else as a string. */
+/** Reads a claim value as JSON where it parses (numbers, booleans, arrays), else as a string. */
 function parseClaimValue(text: string): unknown {
   try {
     return JSON.parse(text);

@@ -69,10 +69,10 @@ export const configSchema = z.strictObject({
     /** Idle server connections older than this are closed. 0 keeps them. */
     idle_timeout: duration.default(600_000),
     /**
-     * Session state that cannot follow a client to another server connection (LISTEN, SQL
-     * PREPARE, cursors, tables, session advisory locks, SET of unreported parameters):
-     * `pin` keeps the client on its server connection until it disconnects; `reject` fails
-     * the statement with SQLSTATE 0A000.
+     * What to do with session state that cannot follow a client to another server connection
+     * (LISTEN, SQL PREPARE, holdable cursors, temporary tables, session advisory locks, a
+     * changed role). `pin` keeps the client on its server connection until it disconnects.
+     * `reject` fails the statement with SQLSTATE 0A000.
      */
     session_state: z.enum(['pin', 'reject']).default('pin'),
     /** Clients' named prepared statements kept per server connection; the least recently used is closed beyond this. */

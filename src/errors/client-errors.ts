@@ -3,7 +3,7 @@
 import type { ErrorFields } from '../protocol/backend-messages.ts';
 import { SqlState } from '../protocol/sqlstate.ts';
 
-/** The one message for every token problem, so a client learns nothing about why; the reason is logged. */
+/** Builds the one error for every token problem, so a client learns nothing about why; the reason is logged. */
 export function authenticationFailed(user: string): ErrorFields {
   return {
     severity: 'FATAL',

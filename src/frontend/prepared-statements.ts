@@ -87,7 +87,7 @@ export function clientStatement(frame: Buffer, bodyOffset: number): ClientStatem
   return { serverName, parse: buildMessage(Frontend.Parse, [cString(serverName), queryAndTypes]) };
 }
 
-/** Bind with its statement name, which spans [nameStart, nameEnd) including the NUL, replaced. */
+/** Copies a Bind or Describe with its statement name, which spans [nameStart, nameEnd) including the NUL, replaced. */
 export function renameInMessage(frame: Buffer, nameStart: number, nameEnd: number, newName: string): Buffer {
   return buildMessage(frame[0], [frame.subarray(5, nameStart), cString(newName), frame.subarray(nameEnd)]);
 }

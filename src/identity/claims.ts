@@ -28,7 +28,7 @@ export function identityFromClaims(payload: JWTPayload, columns: Record<string, 
   return identity;
 }
 
-/** The identity as the JSON object the `settings` carrier stores in `pg_audit_proxy.identity`. */
+/** Formats the identity as the JSON object the `settings` carrier stores in `pg_audit_proxy.identity`. */
 export function identityJson(identity: Identity): string {
   return JSON.stringify(Object.fromEntries(identity));
 }

@@ -61,9 +61,9 @@ export class LeaseSetup {
    * Sends what `connection` needs to match `client`: parameter changes and, on the write
    * pool, the identity. Returns a promise when the client's messages must wait for the
    * replies, or null when they may follow at once. They wait whenever the identity on the
-   * connection is another user's: if the proxy's request failed there (a client deallocated
-   * its statement or left a setting that breaks it), that identity would still be in place,
-   * so the client's work must not run before the request has succeeded.
+   * connection is another user's. The proxy's request can fail (a client deallocated its
+   * statement, or left a setting that breaks it), and then that identity would still be in
+   * place, so the client's work must not run before the request has succeeded.
    */
   apply(connection: ServerConnection, client: ClientState, options: { identity: boolean; wait: boolean }): Promise<void> | null {
     const identity = identityJson(client.identity);

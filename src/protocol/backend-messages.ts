@@ -24,7 +24,7 @@ function int32(value: number): Buffer {
 export const AuthenticationOk = withHeader(Backend.Authentication, int32(0));
 export const AuthenticationCleartextPassword = withHeader(Backend.Authentication, int32(3));
 export const ReadyForQueryIdle = readyForQuery(TransactionStatus.Idle);
-/** The answer to SSLRequest and GSSENCRequest when encryption is not offered. */
+/** The reply to SSLRequest and GSSENCRequest when encryption is not offered. */
 export const EncryptionNotSupported = Buffer.from('N');
 
 export function readyForQuery(status: number): Buffer {

@@ -89,7 +89,8 @@ function loadKey(key: JwtKeyConfig, index: number, baseDirectory: string): KeySo
   }
   if ('jwk_file' in key) {
     const jwk = JSON.parse(readFileSync(resolve(key.jwk_file), 'utf8')) as JWK;
-    const algorithms = jwk.alg ? [jwk.alg] : jwk.kty === 'oct' ? HMAC : ASYMMETRIC;
+    let algorithms = jwk.kty === 'oct' ? HMAC : ASYMMETRIC;
+    if (jwk.alg) algorithms = [jwk.alg];
     const resolver: JWTVerifyGetKey = async (header) => importJWK(jwk, header.alg);
     return { describe, algorithms, key: resolver };
   }
