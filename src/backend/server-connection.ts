@@ -338,8 +338,8 @@ export class ServerConnection implements FrameHandler {
   }
 
   /**
-   * The server ignores Sync while COPY FROM STDIN runs: forget the Syncs the client sent
-   * after the Execute that started the COPY and before its CopyDone or CopyFail.
+   * Forgets the Syncs the client sent after the Execute that started a COPY FROM STDIN and
+   * before its CopyDone or CopyFail, because the server ignores Sync while the COPY runs.
    */
   private dropSyncsDuringCopy(): void {
     let index = 1;
@@ -358,7 +358,7 @@ export class ServerConnection implements FrameHandler {
   }
 
   /**
-   * An ErrorResponse ends the front entry. In the extended protocol the server then skips
+   * Ends the front entry at an ErrorResponse. In the extended protocol the server then skips
    * every message until Sync, so their entries go too. The error reaches the client when
    * its messages were among those affected, unless the proxy already sent it one (swallowError).
    */

@@ -5,7 +5,7 @@ import { z } from 'zod';
 
 import { parseDuration } from './duration.ts';
 
-/** A duration written as `250ms`, `5s`, `2m`, `1h`, or a bare number of seconds. Stored in milliseconds. */
+/** Duration written as `250ms`, `5s`, `2m`, `1h`, or a bare number of seconds; stored in milliseconds. */
 const duration = z.union([z.number().nonnegative(), z.string()]).transform((value, context) => {
   try {
     return parseDuration(value);
@@ -69,7 +69,7 @@ export const configSchema = z.strictObject({
     /** Idle server connections older than this are closed. 0 keeps them. */
     idle_timeout: duration.default(600_000),
     /**
-     * What to do with session state that cannot follow a client to another server connection
+     * Policy for session state that cannot follow a client to another server connection
      * (LISTEN, SQL PREPARE, holdable cursors, temporary tables, session advisory locks, a
      * changed role). `pin` keeps the client on its server connection until it disconnects.
      * `reject` fails the statement with SQLSTATE 0A000.

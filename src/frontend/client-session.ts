@@ -50,7 +50,7 @@ import {
 } from './prepared-statements.ts';
 
 /**
- * What a client's statements left in the session. Rows of ('setting', name, value) are
+ * Query for what a client's statements left in the session. Rows of ('setting', name, value) are
  * settings changed other than the proxy's identity; rows of ('state', description, detail)
  * cannot be replayed. SET ROLE and SET SESSION AUTHORIZATION do not show in pg_settings,
  * so they are read from current_user and session_user (pg_stat_activity keeps the role

@@ -13,7 +13,7 @@ export interface ProxyStats {
   rejectedStatements: number;
 }
 
-/** What a client session needs from the proxy that owns it. */
+/** Services a client session uses from the proxy that owns it. */
 export interface ProxyContext {
   readonly config: Config;
   readonly log: Logger;

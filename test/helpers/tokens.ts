@@ -3,7 +3,7 @@ import { generateKeyPairSync, randomBytes } from 'node:crypto';
 
 import { SignJWT, type JWTPayload } from 'jose';
 
-/** A fresh HMAC secret, 32 random bytes as hex. */
+/** Generates an HMAC secret: 32 random bytes as hex. */
 export function newSecret(): string {
   return randomBytes(32).toString('hex');
 }
@@ -16,7 +16,7 @@ export interface TokenOptions {
   audience?: string;
 }
 
-/** Signs `claims` with an HMAC secret (HS256 unless `alg` says otherwise); expires in an hour by default. */
+/** Signs `claims` with an HMAC secret (HS256 unless `alg` names another); expires in an hour by default. */
 export async function signToken(secret: string | Uint8Array, claims: JWTPayload, options: TokenOptions = {}): Promise<string> {
   const now = Math.floor(Date.now() / 1000);
   let jwt = new SignJWT(claims)
@@ -30,7 +30,7 @@ export async function signToken(secret: string | Uint8Array, claims: JWTPayload,
   return jwt.sign(key);
 }
 
-/** A new RSA key pair as PEM text. */
+/** Generates an RSA key pair, the public key as PEM text. */
 export function newRsaKeyPair(): { publicKeyPem: string; privateKey: ReturnType<typeof generateKeyPairSync>['privateKey'] } {
   const { publicKey, privateKey } = generateKeyPairSync('rsa', { modulusLength: 2048 });
   return { publicKeyPem: publicKey.export({ type: 'spki', format: 'pem' }).toString(), privateKey };

@@ -20,7 +20,7 @@ describe('protocol', () => {
     await env?.close();
   });
 
-  it('a named statement whose Parse failed can be prepared again under the same name', async () => {
+  it('reuses a name whose Parse failed', async () => {
     const raw = await rawClient(env, ada);
     try {
       raw.send(Buffer.concat([parse('s1', 'SELECT * FROM not_yet_there'), sync()]));
@@ -37,7 +37,7 @@ describe('protocol', () => {
     }
   });
 
-  it('node-postgres can retry a named query whose first Parse failed', async () => {
+  it('lets node-postgres retry a failed named query', async () => {
     const client = await env.client(ada);
     const query = { name: 'late-table', text: 'SELECT count(*)::int AS n FROM late_table' };
     await expect(client.query(query)).rejects.toMatchObject({ code: '42P01' });
@@ -46,7 +46,7 @@ describe('protocol', () => {
     expect(result.rows).toEqual([{ n: 0 }]);
   });
 
-  it('a named Parse skipped after an earlier error in its batch does not exist afterwards', async () => {
+  it('forgets a Parse skipped after an error', async () => {
     const raw = await rawClient(env, ada);
     try {
       raw.send(Buffer.concat([parse('', 'SELECT 1/0'), bind(''), execute(), parse('s2', 'SELECT 2'), sync()]));
@@ -60,7 +60,7 @@ describe('protocol', () => {
     }
   });
 
-  it('COPY FROM STDIN through Execute with Sync before the data releases its server connection', async () => {
+  it('releases the lease after extended COPY FROM STDIN', async () => {
     const raw = await rawClient(env, ada);
     try {
       raw.send(Buffer.concat([parse('', 'COPY accounts (note) FROM STDIN'), bind(''), execute(), sync()]));
