@@ -27,7 +27,7 @@ async function editDocuments(client: pg.Client): Promise<void> {
   await client.query('UPDATE documents SET body = $1 WHERE id = $2', ['second draft', planId]);
   console.log(`updated the body of document ${planId}`);
 
-  // Reviews the oldest document, whoever wrote it.
+  // Reviews the oldest document, written by any user.
   const reviewed = await client.query<{ id: number }>(
     "UPDATE documents SET title = title || ' (reviewed)' WHERE id = (SELECT min(id) FROM documents) RETURNING id",
   );

@@ -1,5 +1,5 @@
 // The replies a server connection still owes, one entry per message sent that the server
-// answers, in sending order. Each entry is forwarded to the leasing client or swallowed
+// replies to, in sending order. Each entry is forwarded to the leasing client or swallowed
 // (the proxy's own messages), or is synthetic: a reply the proxy produces itself, such as
 // ParseComplete for a statement the server already has, released when every reply before
 // it has arrived. After an ErrorResponse in the extended protocol the server skips to the

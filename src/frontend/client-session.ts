@@ -3,9 +3,10 @@
 // the server's replies back, one transaction per lease (or one session for a pinned client).
 //
 // Lease rule (transaction pooling): a server connection belongs to the client from the
-// first message of a request until every Sync and Query it forwarded has had its
-// ReadyForQuery, no extended-protocol batch is left without its Sync, and the last
-// ReadyForQuery reports the idle status. `ServerConnection.reusable` encodes exactly that.
+// first message of a request until three things are true. Every Sync and Query it
+// forwarded has had its ReadyForQuery, no extended-protocol batch is left without its
+// Sync, and the last ReadyForQuery reports the idle status. `ServerConnection.reusable`
+// encodes exactly that.
 import { randomInt, timingSafeEqual } from 'node:crypto';
 import type net from 'node:net';
 
@@ -333,6 +334,7 @@ export class ClientSession implements FrameHandler, ServerReplySink {
       this.finishStartup(pool.referenceParameters);
       return;
     }
+
     const checkout = pool.checkout(this);
     this.checkout = checkout;
     try {
@@ -349,6 +351,7 @@ export class ClientSession implements FrameHandler, ServerReplySink {
       pool.release(connection);
       return;
     }
+
     try {
       await this.context.leaseSetup.apply(connection, this.clientState, { identity: false, wait: true });
     } catch (error) {
@@ -360,6 +363,7 @@ export class ClientSession implements FrameHandler, ServerReplySink {
       this.disconnect(`startup setting rejected: ${message}`, { severity: 'FATAL', code: fields.get('C') ?? '22023', message, hint: fields.get('H') });
       return;
     }
+
     for (const [name, value] of connection.parameters) {
       if (this.settings.has(name) && connection.startupParameters.has(name)) this.settings.set(name, value);
     }

@@ -70,7 +70,7 @@ export class Pool {
   }
 
   /**
-   * Requests a server connection for `owner`, preferring one that already holds the
+   * Requests a server connection for `owner`, preferring one that already has the
    * owner's identity. Rejects with CheckoutTimeout after the configured wait.
    */
   checkout(owner: object): Checkout {

@@ -186,7 +186,7 @@ describe('MessageFramer', () => {
     const BUFFER_LIMIT = 64;
     const large = frame('d', Buffer.from([...Array(1000).keys()].map((index) => index % 251)));
 
-    /** The bytes of the streamed message: its start piece and every further piece, in order. */
+    /** Joins the streamed message's start piece and every further piece, in order. */
     function streamedBytes(handler: RecordingHandler): Buffer {
       const pieces = handler.events.flatMap((event) => (event.kind === 'streamStart' || event.kind === 'streamPiece' ? [event.bytes] : []));
       return Buffer.concat(pieces);

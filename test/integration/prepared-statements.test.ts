@@ -199,7 +199,7 @@ describe.skipIf(pgbenchMissing)('pgbench with prepared and extended protocols', 
   // One pgbench thread per client: pgbench prepares statements synchronously, so a thread
   // driving several clients would block on one client's wait for a server connection that
   // its other clients hold.
-  it.each(['prepared', 'extended'])('runs -M %s with 16 clients on a pool of 4, every update attributed', async (mode) => {
+  it.each(['prepared', 'extended'])('attributes pgbench -M %s on a small pool', async (mode) => {
     const admin = await connect(env.database.url('superuser'));
     await admin.query('TRUNCATE pgbench_history');
     await admin.query('DELETE FROM audit.edits');

@@ -29,7 +29,7 @@ describe('proxy process survives malformed client messages', () => {
     fs.rmSync(directory, { recursive: true, force: true });
   });
 
-  it('a Bind without string terminators sent before the lease does not kill the process', async () => {
+  it('survives an unterminated Bind before a lease', async () => {
     const server = testServer();
     const secret = newSecret();
     const configFile = path.join(directory, 'config.json');

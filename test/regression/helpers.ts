@@ -34,7 +34,7 @@ export async function asOwner(env: ProxyEnvironment, sql: string): Promise<void>
   }
 }
 
-/** A raw protocol connection through the proxy, logged in with `token` as password. */
+/** Opens a raw protocol connection through the proxy and logs in with `token` as the password. */
 export async function rawClient(env: ProxyEnvironment, token: string): Promise<RawConnection> {
   const raw = await RawConnection.open(env.proxy.host, env.proxy.port);
   await login(raw, { user: 'app', database: env.database.name }, token);

@@ -1,5 +1,5 @@
 // When the proxy's own lease setup fails on the server, the client's messages must not run
-// with the identity of whoever used the connection before.
+// with the identity of the previous client of that connection.
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 
 import { createProxyEnvironment, type ProxyEnvironment } from '../helpers/proxy-env.ts';

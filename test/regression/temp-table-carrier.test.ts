@@ -80,8 +80,8 @@ describe('temp_table carrier: two clients sharing one server connection', () => 
   it('both clients make progress when they write at the same time', async () => {
     const ada = await env.client(await env.token('ada-42', 'Ada Lovelace'));
     const grace = await env.client(await env.token('grace-7', 'Grace Hopper'));
-    const work = async (client: typeof ada, who: string) => {
-      for (let i = 0; i < 5; i++) await client.query(`INSERT INTO accounts (note) VALUES ('tt-concurrent ${who}')`);
+    const work = async (client: typeof ada, label: string) => {
+      for (let i = 0; i < 5; i++) await client.query(`INSERT INTO accounts (note) VALUES ('tt-concurrent ${label}')`);
     };
     await withTimeout(Promise.all([work(ada, 'ada'), work(grace, 'grace')]), 15_000, 'two concurrent writers');
     const adaRows = await auditRowsFor(env, 'tt-concurrent ada');
